@@ -1,0 +1,49 @@
+# Engram sparsity-allocation suite. `make sweep` and `make test` set up .venv/ on first use.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+GRID    ?= sweeps/grids/smoke.yaml
+RESULTS ?= results
+FORCE   ?= 0
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all sweep plots fit bench contracts lint clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that `pip` finds locally on the development machines; an
+# unpinned torch would pull a multi-GB CUDA build just for the parity test.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet "torch==2.13.0"
+	$(VPY) -m pip install --quiet -e ".[sweep,analysis,notebooks,parity,test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+sweep: $(STAMP)
+	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,)
+
+fit: $(STAMP)
+	$(VPY) -m analysis fit $(RESULTS)/$(notdir $(basename $(GRID)))
+
+plots: $(STAMP)
+	$(VPY) -m analysis plots --results $(RESULTS)
+
+bench: $(STAMP)
+	$(VPY) -m bench.run --out $(RESULTS)/bench
+
+contracts: $(STAMP)
+	$(VPY) ../shared/checks/contracts.py
+
+lint: $(STAMP)
+	$(VPY) -m ruff check . || true
+
+clean:
+	rm -rf .cache .pytest_cache

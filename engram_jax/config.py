@@ -1,0 +1,309 @@
+"""Frozen model and training configs, and named presets.
+
+One ``ModelConfig`` per model, with nested ``MoEConfig`` (DeepSeekMoE: shared + fine-grained routed
+experts) and ``EngramConfig`` (engram-paper.md section 1). Change configs with
+``dataclasses.replace`` or ``with_overrides``; counts come from ``counting.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MoEConfig:
+    """DeepSeekMoE layer: ``n_shared`` always-on experts + top-``top_k`` of ``n_routed``.
+
+    Attributes:
+      n_routed: E, routed experts per MoE layer.
+      top_k: K, routed experts each token uses.
+      n_shared: shared experts (always active), same hidden size as routed ones.
+      d_expert: hidden width of one expert's SwiGLU.
+      capacity_factor: expert buffer slots = ceil(capacity_factor * tokens * K / E); overflow drops.
+      router: "sigmoid" (DeepSeek-V3: sigmoid affinities, top-k gates renormalised) or "softmax".
+      balance: "bias" (auxiliary-loss-free: a routing bias nudged toward balance outside the
+        gradient), "aux" (a switch-style auxiliary loss), or "none".
+      bias_rate: step size of the routing-bias update (balance="bias").
+      aux_coef: weight of the auxiliary balance loss (balance="aux").
+    """
+
+    n_routed: int
+    top_k: int
+    n_shared: int = 1
+    d_expert: int
+    capacity_factor: float = 1.25
+    router: str = "sigmoid"
+    balance: str = "bias"
+    bias_rate: float = 1e-3
+    aux_coef: float = 1e-2
+
+    def __post_init__(self):
+        if self.n_routed < 1:
+            raise ValueError(f"moe.n_routed must be >= 1, got {self.n_routed}")
+        if not 1 <= self.top_k <= self.n_routed:
+            raise ValueError(f"moe.top_k must be in [1, n_routed={self.n_routed}], got {self.top_k}")
+        if self.n_shared < 0 or self.d_expert < 1:
+            raise ValueError("moe.n_shared must be >= 0 and moe.d_expert >= 1")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.router not in ("sigmoid", "softmax"):
+            raise ValueError(f"moe.router must be 'sigmoid' or 'softmax', got {self.router!r}")
+        if self.balance not in ("bias", "aux", "none"):
+            raise ValueError(f"moe.balance must be 'bias', 'aux' or 'none', got {self.balance!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngramConfig:
+    """Engram modules (hashed n-gram memory), engram-paper.md section 1.
+
+    Attributes:
+      layer_ids: 0-indexed layers that get an Engram module (added to the residual at layer start).
+      max_ngram: N; orders 2..N are hashed (paper: 3).
+      heads_per_ngram: hash heads per order (paper: 8).
+      d_head: embedding width of one head; memory width M = (N - 1) * heads_per_ngram * d_head.
+      table_sizes: base sub-table size per order 2..N; each head gets the next unused prime.
+      conv_kernel: W, taps of the dilated depthwise causal conv (dilation N).
+      seed: hashing seed.
+      compress: use token compression before hashing (ablation switch).
+      gate: use the context-aware scalar gate (off: alpha = 1).
+      conv: use the short convolution (off: Y = gated value).
+      table_init_std: std of the table init; None means 1 / sqrt(d_head) (as MaxText).
+      offload: keep tables in host memory and feed the rows a batch needs (train-time switch).
+    """
+
+    layer_ids: tuple[int, ...]
+    max_ngram: int = 3
+    heads_per_ngram: int = 4
+    d_head: int = 16
+    table_sizes: tuple[int, ...]
+    conv_kernel: int = 4
+    seed: int = 0
+    compress: bool = True
+    gate: bool = True
+    conv: bool = True
+    table_init_std: float | None = None
+    offload: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_ids", tuple(int(x) for x in self.layer_ids))
+        object.__setattr__(self, "table_sizes", tuple(int(x) for x in self.table_sizes))
+        if not self.layer_ids:
+            raise ValueError("engram.layer_ids is empty: use engram=None for a model without Engram")
+        if len(set(self.layer_ids)) != len(self.layer_ids):
+            raise ValueError(f"engram.layer_ids has duplicates: {self.layer_ids}")
+        if self.max_ngram < 2:
+            raise ValueError(f"engram.max_ngram must be >= 2, got {self.max_ngram}")
+        if len(self.table_sizes) != self.max_ngram - 1:
+            raise ValueError(
+                f"engram.table_sizes needs {self.max_ngram - 1} entries (orders 2..{self.max_ngram}), "
+                f"got {len(self.table_sizes)}"
+            )
+        if min(self.table_sizes) < 2:
+            raise ValueError(f"engram.table_sizes must be >= 2, got {self.table_sizes}")
+        if self.heads_per_ngram < 1 or self.d_head < 1 or self.conv_kernel < 1:
+            raise ValueError("engram.heads_per_ngram, d_head and conv_kernel must be >= 1")
+
+    @property
+    def n_heads(self) -> int:
+        """G, hash heads per Engram layer."""
+        return (self.max_ngram - 1) * self.heads_per_ngram
+
+    @property
+    def d_mem(self) -> int:
+        """M, the concatenated memory width."""
+        return self.n_heads * self.d_head
+
+    def primes(self) -> dict[int, list[list[int]]]:
+        from engram_jax.hashing import head_primes
+
+        return head_primes(self.table_sizes, self.max_ngram, self.heads_per_ngram, self.layer_ids)
+
+    def rows(self) -> dict[int, int]:
+        """R per layer: rows of each layer's flat table."""
+        return {lid: sum(sum(o) for o in p) for lid, p in self.primes().items()}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """A hybrid MoE + Engram decoder-only LM.
+
+    Attributes:
+      vocab_size: V (must match the tokenizer).
+      d_model: D.
+      n_layers: decoder blocks.
+      n_heads: attention heads; head width d_model // n_heads.
+      d_ff: hidden width of the dense SwiGLU FFN used by the first ``n_dense_layers`` blocks and by
+        every block when ``moe`` is None.
+      n_dense_layers: leading blocks with a dense FFN instead of an MoE (DeepSeek keeps layer 0 dense).
+      seq_len: training context length (sets the attention FLOPs).
+      moe: MoE part, or None for a dense model.
+      engram: Engram part, or None for no Engram.
+      hc_mult: residual branches (the paper's hyper-connections); only 1 is built.
+      tie_embeddings: share the input embedding with the LM head.
+      rope_theta, norm_eps: RoPE base and RMSNorm epsilon.
+      dtype: compute dtype ("float32" or "bfloat16"); parameters are always float32.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    n_dense_layers: int = 0
+    seq_len: int = 256
+    moe: MoEConfig | None = None
+    engram: EngramConfig | None = None
+    hc_mult: int = 1
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("head width d_model // n_heads must be even for RoPE")
+        if not 0 <= self.n_dense_layers <= self.n_layers:
+            raise ValueError(f"n_dense_layers must be in [0, n_layers={self.n_layers}]")
+        if self.hc_mult != 1:
+            raise ValueError(
+                f"hc_mult={self.hc_mult}: multi-branch residuals (hyper-connections) are not "
+                "implemented; use hc_mult=1 (a plain residual)"
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.engram is not None:
+            bad = [i for i in self.engram.layer_ids if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"engram.layer_ids {bad} outside [0, n_layers={self.n_layers})")
+
+    @property
+    def d_attn_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        if self.moe is None:
+            return ()
+        return tuple(range(self.n_dense_layers, self.n_layers))
+
+    def param_counts(self) -> dict[str, int]:
+        from engram_jax.counting import param_counts
+
+        return param_counts(self)
+
+    def flops_per_token(self, *, executed: bool = False) -> float:
+        from engram_jax.counting import flops_per_token
+
+        return flops_per_token(self, executed=executed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        if d.get("moe") is not None:
+            d["moe"] = MoEConfig(**d["moe"])
+        if d.get("engram") is not None:
+            d["engram"] = EngramConfig(**d["engram"])
+        return cls(**d)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ModelConfig:
+        """Apply dotted overrides such as ``{"moe.n_routed": 8, "engram": None, "d_model": 128}``."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            parts = key.split(".")
+            node = d
+            for p in parts[:-1]:
+                if node.get(p) is None:
+                    raise ValueError(f"cannot set {key!r}: {p!r} is None in this config")
+                node = node[p]
+            if parts[-1] not in node:
+                raise ValueError(f"unknown config key {key!r}")
+            node[parts[-1]] = value
+        return ModelConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tests: small, with routed experts and Engram tables.
+    "tiny": ModelConfig(
+        vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128, seq_len=64,
+        moe=MoEConfig(n_routed=8, top_k=2, n_shared=1, d_expert=32),
+        engram=EngramConfig(layer_ids=(1,), heads_per_ngram=2, d_head=8, table_sizes=(257, 257)),
+    ),
+    # A dense backbone of the same width as tiny (for comparisons and the dense-equivalence tests).
+    "tiny-dense": ModelConfig(
+        vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128, seq_len=64,
+    ),
+    # --- sweep bases (pure MoE at rho = 1; allocation.py turns them into iso-parameter hybrids) ---
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset; raises ValueError listing the known names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+      steps: optimizer steps; batch_size: sequences per step (each ``model.seq_len`` tokens).
+      lr: peak learning rate (backbone); warmup_steps: linear warmup; min_lr_ratio: cosine floor.
+      weight_decay: AdamW decay for matrices (not norms, biases or Engram tables).
+      engram_lr_mult / engram_weight_decay: the Engram table group (paper: 5x lr, no decay).
+      grad_clip: global-norm clip (0 disables).
+      eval_every / eval_batches: validation cadence and size; log_every: metrics cadence.
+      ckpt_every: checkpoint cadence in steps (0: only at the end).
+      seed: parameter init + batch sampling seed.
+      compute_dtype: "auto" (bf16 on GPU, f32 on CPU), "float32" or "bfloat16".
+      prefetch: batches prepared ahead by the background thread.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    engram_lr_mult: float = 5.0
+    engram_weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    ckpt_every: int = 0
+    seed: int = 0
+    compute_dtype: str = "auto"
+    prefetch: int = 4
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be auto, float32 or bfloat16, got {self.compute_dtype!r}")

@@ -1,0 +1,128 @@
+"""Exact parameter and FLOP counts from a ``ModelConfig`` alone (engram-paper.md section 2).
+
+Definitions (the paper's): P_tot = trainable parameters excluding the vocabulary embedding and LM
+head; P_act = parameters one token activates (attention, norms, dense FFNs, shared experts, the
+router, its top-k routed experts, Engram projections/gates/conv/norms); P_sparse = P_tot - P_act
+(unselected routed experts plus every Engram table row). rho = routed-expert share of P_sparse.
+
+The layout counted here is the one ``model.py`` builds; ``tests/test_counting.py`` checks that the
+live parameter count equals ``param_counts()['total']`` exactly on random configs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engram_jax.config import ModelConfig
+
+
+def engram_dense_params(cfg: ModelConfig) -> int:
+    """Non-table parameters of ONE Engram module (value/key projections, gate norms, conv)."""
+    e, D = cfg.engram, cfg.d_model
+    n = e.d_mem * D + D  # W_V with bias
+    if e.gate:
+        n += e.d_mem * D + D + 2 * D  # W_K with bias, RMSNorm(h), RMSNorm(k)
+    if e.conv:
+        n += D + e.conv_kernel * D  # RMSNorm before the conv, depthwise taps (no bias)
+    return n
+
+
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters of one SwiGLU expert."""
+    return 3 * cfg.d_model * cfg.moe.d_expert
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter breakdown; every value is an exact integer.
+
+    Returns keys: total (every trainable parameter), p_tot, active, sparse, embedding (input
+    embedding + LM head), routed_experts (all routed experts, selected or not), routed_active
+    (top-k of them), engram_tables, engram_dense, attention, dense_ffn, shared_experts, router,
+    norms, rho (routed share of sparse; 1.0 when there is no sparse part).
+    """
+    D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    attention = L * 4 * D * D
+    norms = (2 * L + 1) * D
+    n_dense = L if cfg.moe is None else cfg.n_dense_layers
+    dense_ffn = n_dense * 3 * D * cfg.d_ff
+    routed = routed_active = shared = router = 0
+    if cfg.moe is not None:
+        n_moe = len(cfg.moe_layer_ids)
+        pe = expert_params(cfg)
+        routed = n_moe * cfg.moe.n_routed * pe
+        routed_active = n_moe * cfg.moe.top_k * pe
+        shared = n_moe * cfg.moe.n_shared * pe
+        router = n_moe * D * cfg.moe.n_routed
+    tables = engram_dense = 0
+    if cfg.engram is not None:
+        tables = sum(cfg.engram.rows().values()) * cfg.engram.d_head
+        engram_dense = len(cfg.engram.layer_ids) * engram_dense_params(cfg)
+    embedding = V * D * (1 if cfg.tie_embeddings else 2)
+    p_tot = attention + norms + dense_ffn + routed + shared + router + tables + engram_dense
+    active = attention + norms + dense_ffn + routed_active + shared + router + engram_dense
+    sparse = p_tot - active
+    routed_sparse = routed - routed_active
+    return {
+        "total": p_tot + embedding,
+        "p_tot": p_tot,
+        "active": active,
+        "sparse": sparse,
+        "embedding": embedding,
+        "routed_experts": routed,
+        "routed_active": routed_active,
+        "engram_tables": tables,
+        "engram_dense": engram_dense,
+        "attention": attention,
+        "dense_ffn": dense_ffn,
+        "shared_experts": shared,
+        "router": router,
+        "norms": norms,
+        "rho": (routed_sparse / sparse) if sparse else 1.0,
+    }
+
+
+def capacity(cfg: ModelConfig, tokens: int) -> int:
+    """C, buffer slots per expert for a batch of ``tokens`` tokens."""
+    m = cfg.moe
+    return max(1, math.ceil(m.capacity_factor * tokens * m.top_k / m.n_routed))
+
+
+def forward_flops_per_token(cfg: ModelConfig, *, executed: bool = False, tokens: int | None = None) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one forward pass, per token.
+
+    Args:
+      executed: count what the capacity-buffer dispatch computes (E * C expert slots for the batch)
+        instead of the useful top-k work.
+      tokens: tokens per batch for ``executed`` (default: one sequence of ``seq_len``).
+    """
+    D, V, L, T = cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.seq_len
+    f = L * (2 * 4 * D * D + 2 * 2 * T * D)  # projections + QK^T and AV over the full window
+    n_dense = L if cfg.moe is None else cfg.n_dense_layers
+    f += n_dense * 2 * 3 * D * cfg.d_ff
+    if cfg.moe is not None:
+        m = cfg.moe
+        n_moe = len(cfg.moe_layer_ids)
+        if executed:
+            tok = tokens or T
+            routed_slots = m.n_routed * capacity(cfg, tok) / tok
+        else:
+            routed_slots = m.top_k
+        f += n_moe * (2 * D * m.n_routed + 2 * 3 * D * m.d_expert * (routed_slots + m.n_shared))
+    if cfg.engram is not None:
+        e = cfg.engram
+        per = 2 * e.d_mem * D * (2 if e.gate else 1) + (2 * e.conv_kernel * D if e.conv else 0)
+        f += len(e.layer_ids) * per
+    f += 2 * D * V
+    return float(f)
+
+
+def flops_per_token(cfg: ModelConfig, *, executed: bool = False, tokens: int | None = None) -> float:
+    """Training FLOPs per token: forward + backward = 3 x the forward matmul FLOPs, attention included."""
+    return 3.0 * forward_flops_per_token(cfg, executed=executed, tokens=tokens)
+
+
+def flops_per_token_6n(cfg: ModelConfig) -> float:
+    """The 6 x P_act approximation (plus the LM head), no attention term."""
+    return 6.0 * (param_counts(cfg)["active"] + cfg.d_model * cfg.vocab_size)
