@@ -1,0 +1,1 @@
+"""Model layers, one idea per file: norms, attention, MoE, Engram."""

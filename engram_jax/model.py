@@ -1,0 +1,124 @@
+"""The hybrid LM: a pre-norm Transformer with MoE FFNs and Engram modules at chosen layers.
+
+Block l:  H += Engram_l(H, hash ids)   (only at ``engram.layer_ids``; engram-paper.md "Placement")
+          H += Attention(RMSNorm(H))
+          H += FFN_l(RMSNorm(H))        (dense SwiGLU for the first ``n_dense_layers``, else MoE)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engram_jax.config import ModelConfig
+from engram_jax.hashing import NgramHasher
+from engram_jax.layers.attention import Attention
+from engram_jax.layers.common import RMSNorm, SwiGLU, normal
+from engram_jax.layers.engram import Engram
+from engram_jax.layers.moe import MoE
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, *, rngs: nnx.Rngs):
+        self.layer_id = layer_id
+        D = cfg.d_model
+        has_engram = cfg.engram is not None and layer_id in cfg.engram.layer_ids
+        self.engram = (Engram(D, cfg.engram, layer_id, norm_eps=cfg.norm_eps, rngs=rngs)
+                       if has_engram else None)
+        self.attn_norm = RMSNorm(D, eps=cfg.norm_eps)
+        self.attn = Attention(D, cfg.n_heads, n_layers=cfg.n_layers, rope_theta=cfg.rope_theta,
+                              rngs=rngs)
+        self.ffn_norm = RMSNorm(D, eps=cfg.norm_eps)
+        if layer_id in cfg.moe_layer_ids:
+            self.moe = MoE(D, cfg.moe, n_layers=cfg.n_layers, rngs=rngs)
+            self.ffn = None
+        else:
+            self.moe = None
+            self.ffn = SwiGLU(D, cfg.d_ff, n_layers=cfg.n_layers, rngs=rngs)
+
+    def __call__(self, h_BxTxD, hash_ids, memory=None):
+        if self.engram is not None:
+            h_BxTxD = h_BxTxD + self.engram(h_BxTxD, hash_ids, memory)
+        h_BxTxD = h_BxTxD + self.attn(self.attn_norm(h_BxTxD))
+        x = self.ffn_norm(h_BxTxD)
+        if self.moe is None:
+            return h_BxTxD + self.ffn(x), None, None
+        y, load_E, aux = self.moe(x)
+        return h_BxTxD + y, load_E, aux
+
+
+class HybridLM(nnx.Module):
+    """Decoder-only LM. Live parameter count == ``cfg.param_counts()['total']``.
+
+    Call: ``model(tokens_BxT, hash_ids={layer_id: int32 [B, T, G]})`` ->
+    ``(logits [B, T, V] float32, aux)`` where aux holds ``load`` ([n_moe_layers, E] tokens routed
+    to each expert, before capacity drops) and ``aux_loss`` (mean switch balance loss).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, V = cfg.d_model, cfg.vocab_size
+        self.embed = normal(rngs, (V, D), 1.0)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(D, eps=cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else normal(rngs, (D, V), D**-0.5)
+
+    def __call__(self, tokens_BxT: jax.Array, hash_ids: dict | None = None,
+                 memory: dict | None = None):
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        hash_ids = hash_ids or {}
+        memory = memory or {}
+        h = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        loads, auxes = [], []
+        for blk in self.blocks:
+            hid = hash_ids.get(blk.layer_id) if blk.engram is not None else None
+            if blk.engram is not None and hid is None and blk.layer_id not in memory:
+                raise ValueError(f"layer {blk.layer_id} has an Engram module but no hash ids were given")
+            h, load, aux = blk(h, hid, memory.get(blk.layer_id))
+            if load is not None:
+                loads.append(load)
+                auxes.append(aux)
+        h = self.final_norm(h)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", h, head.astype(dt), preferred_element_type=jnp.float32)
+        aux = {
+            "load": jnp.stack(loads) if loads else jnp.zeros((0,), jnp.float32),
+            "aux_loss": jnp.mean(jnp.stack(auxes)) if auxes else jnp.float32(0.0),
+        }
+        return logits, aux
+
+
+def count_params(model: nnx.Module) -> int:
+    """Live trainable parameter count (nnx.Param leaves only; routing biases are not trained)."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))
+
+
+def default_hash_fn(cfg: ModelConfig) -> Callable[[np.ndarray], dict[int, np.ndarray]]:
+    """Hashing without a tokenizer: identity compression, pad id 0 (tests and raw-id use)."""
+    if cfg.engram is None:
+        return lambda ids: {}
+    e = cfg.engram
+    hasher = NgramHasher(cfg.vocab_size, e.table_sizes, e.max_ngram, e.heads_per_ngram,
+                         e.layer_ids, pad_id=0, seed=e.seed)
+    return lambda ids: {k: v.astype(np.int32) for k, v in hasher(ids).items()}
+
+
+def logits(model: HybridLM, token_ids: np.ndarray, hash_fn=None) -> jax.Array:
+    """Logits [B, T, V] for numpy token ids [B, T]; hashes on the host.
+
+    Args:
+      hash_fn: maps token ids to ``{layer_id: hash ids [B, T, G]}``; default: no token compression
+        (``default_hash_fn``). Training passes the pipeline's compressed hasher.
+    """
+    ids = np.asarray(token_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"token_ids must be [B, T], got shape {ids.shape}")
+    hash_fn = hash_fn or default_hash_fn(model.cfg)
+    hash_ids = {k: jnp.asarray(v) for k, v in hash_fn(ids).items()}
+    out, _ = model(jnp.asarray(ids, dtype=jnp.int32), hash_ids)
+    return out

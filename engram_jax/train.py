@@ -1,0 +1,295 @@
+"""Train one model: ``run_trial`` (used by the sweeps) and the ``python -m engram_jax.train`` CLI.
+
+One trial = corpus -> tokenizer/shards (data.py) -> seeded batches with host-side hash ids ->
+jitted train steps (optim.py) -> periodic validation -> ``metrics.jsonl`` + ``record.json`` and an
+orbax checkpoint in the output directory. A rerun with the same output directory resumes from
+the checkpoint and reproduces the uninterrupted run's batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from engram_jax.config import ModelConfig, TrainConfig, preset
+from engram_jax.counting import flops_per_token, flops_per_token_6n
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("ENGRAM_GIT_COMMIT", "unknown")
+
+
+def resolve_dtype(cfg: ModelConfig, tcfg: TrainConfig) -> ModelConfig:
+    """Parameters stay float32; compute in bf16 on GPU/TPU when compute_dtype is 'auto'."""
+    dt = tcfg.compute_dtype
+    if dt == "auto":
+        dt = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return dataclasses.replace(cfg, dtype=dt)
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto_step]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "pystdlib",
+              out_dir: str | Path, report: Callable[[dict], None] | None = None,
+              progress: bool = True, meta: dict | None = None) -> dict:
+    """Train one model and return its result record (also written to ``out_dir/record.json``).
+
+    Args:
+      model_cfg, train_cfg: what to train and how.
+      corpus: "pystdlib", "pysrc" or a path (see data.resolve_corpus).
+      out_dir: holds config.json, metrics.jsonl, record.json and ckpt/; resumed if present.
+      report: called with a metrics dict at every log step (the sweep forwards it to Ray Tune).
+      progress: show a progress bar on stderr.
+      meta: extra fields copied into the record (grid, trial_id, rho, seed, budget ...).
+
+    Raises:
+      TrainingDiverged: the loss became NaN/Inf (the message names the step).
+      FileNotFoundError / ValueError: a missing or empty corpus, an out_dir holding another run.
+    """
+    from engram_jax import data as data_lib
+    from engram_jax.checkpoint import Checkpointer
+    from engram_jax.model import HybridLM
+    from engram_jax.optim import TrainState, make_optimizer, make_steps, schedule
+
+    t_start = time.time()
+    cfg, tcfg = resolve_dtype(model_cfg, train_cfg), train_cfg
+    out = Path(out_dir).absolute()
+    run_spec = {"model": cfg.to_dict(), "train": dataclasses.asdict(tcfg), "corpus": corpus}
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old != json.loads(json.dumps(run_spec)):
+            raise ValueError(f"{out} holds a run with a different config; choose another output "
+                             "directory (nothing was changed)")
+        if (out / "record.json").exists():
+            return json.loads((out / "record.json").read_text())
+
+    data = data_lib.prepare(corpus, cfg.vocab_size, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(cfg_path, json.dumps(run_spec, indent=1, sort_keys=True))
+    hash_fn = data_lib.make_hash_fn(cfg.engram, data, cfg.vocab_size) if cfg.engram else None
+
+    model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model
+    tx = make_optimizer(tcfg)
+    state = TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))
+    ckpt = Checkpointer(out / "ckpt")
+    state, start = ckpt.restore_latest(state)
+    train_step, eval_step = make_steps(graphdef, cfg, tcfg, tx)
+
+    T, B = cfg.seq_len, tcfg.batch_size
+    val = data_lib.eval_batches(data.val_tokens, batch_size=B, seq_len=T,
+                                n_batches=tcfg.eval_batches, hash_fn=hash_fn)
+    val = [jax.device_put(b) for b in val]
+
+    def evaluate(st) -> float:
+        return float(np.mean([float(eval_step(st, b)) for b in val]))
+
+    metrics_path = out / "metrics.jsonl"
+    rows = _read_metrics(metrics_path, start)
+    _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    best_val = min((r["val_loss"] for r in rows if r.get("val_loss") is not None), default=math.inf)
+    lr_at = schedule(tcfg, tcfg.lr)
+
+    if start == 0:
+        v0 = evaluate(state)
+        best_val = v0
+        rows.append({"step": 0, "tokens": 0, "train_loss": None, "val_loss": v0, "lr": 0.0})
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+
+    batches = data_lib.BatchIterator(data.train_tokens, batch_size=B, seq_len=T, seed=tcfg.seed,
+                                     hash_fn=hash_fn, start_step=start, prefetch=tcfg.prefetch)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+                   dynamic_ncols=True)
+    pending = None  # (step, metrics) of the previous step, read a step late
+    timed_tokens, timed_s, t_mark = 0, 0.0, None
+    last_train = math.nan
+
+    def flush(step: int, m, val_loss: float | None):
+        nonlocal last_train
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss} at step {step}: training diverged; lower the learning rate "
+                f"(lr={tcfg.lr}) or raise warmup_steps ({tcfg.warmup_steps})")
+        last_train = loss
+        tps = timed_tokens / timed_s if timed_s > 0 else None
+        row = {"step": step, "tokens": step * B * T, "train_loss": loss, "val_loss": val_loss,
+               "lr": float(lr_at(step)), "tokens_per_s": tps,
+               "grad_norm": float(m["grad_norm"])}
+        if "max_load" in m:
+            row["max_load"] = float(m["max_load"])
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if report is not None:
+            report({k: v for k, v in row.items() if v is not None})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{best_val:.3f}")
+
+    try:
+        for step in range(start + 1, tcfg.steps + 1):
+            batch = next(batches)
+            if t_mark is None and step > start + 1:
+                t_mark = time.perf_counter()  # skip the compiling first step
+            state, m = train_step(state, batch)
+            if pending is not None and pending[0] % tcfg.log_every == 0:
+                flush(pending[0], pending[1], None)
+            pending = (step, m)
+            if t_mark is not None:
+                timed_tokens += B * T
+            is_eval = step % tcfg.eval_every == 0 or step == tcfg.steps
+            if is_eval or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0):
+                jax.block_until_ready(m["loss"])
+                if t_mark is not None:
+                    timed_s += time.perf_counter() - t_mark
+                v = evaluate(state) if is_eval else None
+                if v is not None:
+                    best_val = min(best_val, v)
+                flush(step, m, v)
+                pending = None
+                ckpt.save(step, state)
+                t_mark = time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        batches.close()
+        if bar is not None:
+            bar.close()
+    ckpt.wait()
+    final = _read_metrics(metrics_path, tcfg.steps)
+    evals = [r for r in final if r.get("val_loss") is not None]
+    final_val = evals[-1]["val_loss"]
+    trains = [r for r in final if r.get("train_loss") is not None]
+    counts = cfg.param_counts()
+    tokens_seen = tcfg.steps * B * T
+    record = {
+        "status": "ok", **(meta or {}),
+        "config_json": cfg.to_json(), "config_hash": cfg.hash(),
+        **{f"params_{k}": v for k, v in counts.items()},
+        "n_routed": cfg.moe.n_routed if cfg.moe else 0,
+        "top_k": cfg.moe.top_k if cfg.moe else 0,
+        "engram_slots": sum(cfg.engram.rows().values()) if cfg.engram else 0,
+        "engram_layers": ",".join(map(str, cfg.engram.layer_ids)) if cfg.engram else "",
+        "flops_per_token": flops_per_token(cfg), "flops_per_token_6n": flops_per_token_6n(cfg),
+        "steps": tcfg.steps, "batch_size": B, "seq_len": T, "lr": tcfg.lr,
+        "tokens_seen": tokens_seen, "train_tokens": int(data.n_train_tokens),
+        "epochs": data_lib.epochs(tokens_seen, data),
+        "train_loss": trains[-1]["train_loss"] if trains else last_train,
+        "val_loss": final_val, "best_val_loss": min(r["val_loss"] for r in evals),
+        "tokens_per_s": timed_tokens / timed_s if timed_s > 0 else None,
+        "wall_s": time.time() - t_start, "device_kind": jax.devices()[0].device_kind,
+        "platform": jax.default_backend(), "git_commit": _git_commit(),
+        "jax_version": jax.__version__, "flax_version": __import__("flax").__version__,
+        "optax_version": __import__("optax").__version__,
+        "corpus": corpus, "corpus_fingerprint": data.fingerprint,
+    }
+    if record["epochs"] > 1.0:
+        print(f"WARNING: this trial saw its training split {record['epochs']:.2f} times; hashed "
+              "n-gram tables can memorise a corpus seen many times", file=sys.stderr)
+    _atomic_write(out / "record.json", json.dumps(record, indent=1))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_sets(pairs: list[str]) -> tuple[dict, dict]:
+    """Split ``key=value`` overrides into TrainConfig fields and ModelConfig (dotted) keys."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_o, train_o = {}, {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        val = yaml.safe_load(v)
+        (train_o if k in train_fields else model_o)[k] = val
+    return model_o, train_o
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engram_jax.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", required=True, help="model preset (engram_jax.config.PRESETS)")
+    ap.add_argument("--corpus", default="pystdlib",
+                    help="pystdlib | pysrc | a directory of text files | .jsonl | .parquet")
+    ap.add_argument("--steps", type=int, help="optimizer steps")
+    ap.add_argument("--rho", type=float,
+                    help="allocate the preset's sparse budget: rho in experts, 1-rho in Engram")
+    ap.add_argument("--out", help="output directory (resumed if it holds this run)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a TrainConfig field (lr=1e-3) or model key (moe.top_k=2)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        cfg = preset(a.preset)
+        model_o, train_o = parse_sets(a.sets)
+        if a.rho is not None:
+            from engram_jax.allocation import allocate
+
+            cfg = allocate(cfg, a.rho)
+        if model_o:
+            cfg = cfg.with_overrides(model_o)
+        if a.steps is not None:
+            train_o["steps"] = a.steps
+        tcfg = TrainConfig(**train_o)
+        from engram_jax.data import resolve_corpus
+
+        resolve_corpus(a.corpus)  # a missing or empty corpus fails here, before any work
+        out = Path(a.out or f"runs/{a.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        rec = run_trial(cfg, tcfg, corpus=a.corpus, out_dir=out, progress=not a.no_progress,
+                        meta={"preset": a.preset, "rho": a.rho})
+    except (ValueError, FileNotFoundError, TypeError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: rec[k] for k in ("val_loss", "best_val_loss", "train_loss",
+                                          "tokens_per_s", "epochs", "params_total")}, indent=1))
+    print(f"wrote {out}/record.json and {out}/metrics.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
