@@ -7,8 +7,10 @@ not trained by the gradient: the training step nudges it toward balanced load
 loss is available instead.
 
 Dispatch uses capacity buffers [E, C, D] and batched einsums (C = ceil(cf * S * K / E) slots per
-expert; first choices take priority over second choices; overflow is dropped), the baseline
-known to train on an H100 (see shared/gpu/README.md: ``ragged_dot``'s backward ran out of memory).
+expert, overflow dropped), the baseline known to train on an H100 (``ragged_dot``'s backward ran
+out of memory there). Slots are filled in time-major order (position t of every sequence before
+position t + 1), so whether a token is dropped depends only on tokens at the same or earlier
+positions: capacity drops cannot leak information from the future.
 """
 
 from __future__ import annotations
@@ -76,15 +78,16 @@ class MoE(nnx.Module):
         x_SxD = x_BxTxD.reshape(S, D)
         idx_SxK, gates_SxK, probs_SxE = route(x_SxD, self.w_router[...], self.router_bias[...], moe)
 
-        # Slot of each (choice, token) in its expert's buffer; k-major so first choices win.
-        e_KS = idx_SxK.T.reshape(-1)
-        onehot_KSxE = jax.nn.one_hot(e_KS, E, dtype=jnp.int32)
-        pos_KS = jnp.sum((jnp.cumsum(onehot_KSxE, axis=0) - 1) * onehot_KSxE, axis=-1)
-        keep_KS = pos_KS < C
-        slot_KS = jnp.where(keep_KS, e_KS * C + pos_KS, E * C)  # E*C: the overflow slot
-        tok_KS = jnp.tile(jnp.arange(S, dtype=jnp.int32), K)
+        # Slot of each (token, choice) in its expert's buffer, filled in (t, b, k) order (causal).
+        tbk = lambda a: jnp.swapaxes(a.reshape(B, T, K), 0, 1).reshape(-1)  # noqa: E731
+        e_A = tbk(idx_SxK)  # A = T*B*K assignments
+        onehot_AxE = jax.nn.one_hot(e_A, E, dtype=jnp.int32)
+        pos_A = jnp.sum((jnp.cumsum(onehot_AxE, axis=0) - 1) * onehot_AxE, axis=-1)
+        keep_A = pos_A < C
+        slot_A = jnp.where(keep_A, e_A * C + pos_A, E * C)  # E*C: the overflow slot
+        tok_A = tbk(jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[:, None], (S, K)))
         # Which token fills each slot (S = an all-zero row for empty slots): a gather, not a scatter.
-        slot_tok = jnp.full((E * C + 1,), S, jnp.int32).at[slot_KS].set(tok_KS)[: E * C]
+        slot_tok = jnp.full((E * C + 1,), S, jnp.int32).at[slot_A].set(tok_A)[: E * C]
         x_pad = jnp.concatenate([x_SxD, jnp.zeros((1, D), dt)], axis=0)
         buf_ExCxD = x_pad[slot_tok].reshape(E, C, D)
 
@@ -93,13 +96,14 @@ class MoE(nnx.Module):
         out_ExCxD = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, self.w_down[...].astype(dt))
 
         out_pad = jnp.concatenate([out_ExCxD.reshape(E * C, D), jnp.zeros((1, D), dt)], axis=0)
-        w_KS = (gates_SxK.T.reshape(-1) * keep_KS).astype(dt)
-        y_SxD = jnp.sum((out_pad[slot_KS] * w_KS[:, None]).reshape(K, S, D), axis=0)
+        w_A = (tbk(gates_SxK) * keep_A).astype(dt)
+        y_TxBxKxD = (out_pad[slot_A] * w_A[:, None]).reshape(T, B, K, D)
+        y_SxD = jnp.swapaxes(jnp.sum(y_TxBxKxD, axis=2), 0, 1).reshape(S, D)
         y_BxTxD = y_SxD.reshape(B, T, D)
         if self.shared is not None:
             y_BxTxD = y_BxTxD + self.shared(x_BxTxD)
 
-        load_E = jnp.sum(onehot_KSxE, axis=0).astype(jnp.float32)
+        load_E = jnp.sum(onehot_AxE, axis=0).astype(jnp.float32)
         # Switch-style balance loss: E * sum_e (fraction routed to e) * (mean affinity of e).
         aux = E * jnp.sum(load_E / (S * K) * jnp.mean(probs_SxE, axis=0))
         return y_BxTxD, load_E, aux
