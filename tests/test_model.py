@@ -56,15 +56,13 @@ def test_causality_gradient():
     hid = {k: jnp.asarray(v) for k, v in default_hash_fn(cfg)(ids).items()}
     t = 7
 
-    graphdef, state = nnx.split(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def f(emb):
-        m = nnx.merge(graphdef, state)
-        m.embed[...] = emb
-        out, _ = m(jnp.asarray(ids, jnp.int32), hid)
+    def f(p):
+        out, _ = nnx.merge(graphdef, p, rest)(jnp.asarray(ids, jnp.int32), hid)
         return jnp.sum(out[0, t])
 
-    g = jax.grad(f)(model.embed[...])
+    g = nnx.to_pure_dict(jax.grad(f)(params))["embed"]
     future = np.unique(ids[0, t + 1:])
     past = np.unique(ids[0, : t + 1])
     only_future = np.setdiff1d(future, past)
