@@ -254,6 +254,24 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128, seq_len=64,
     ),
     # --- sweep bases (pure MoE at rho = 1; allocation.py turns them into iso-parameter hybrids) ---
+    # Shaped like the paper's budgets: P_tot (no embeddings) ~10x P_act, E0 - top_k a multiple of 10
+    # so the rho grid 1.0 .. 0.4 is realised with whole experts. Budgets: allocation.BUDGETS.
+    "smoke": ModelConfig(
+        vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128, seq_len=64,
+        moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=64),
+    ),
+    "cpu-small": ModelConfig(
+        vocab_size=2048, d_model=128, n_layers=4, n_heads=4, d_ff=256, seq_len=128,
+        moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=128),
+    ),
+    "gpu-s": ModelConfig(
+        vocab_size=8192, d_model=512, n_layers=8, n_heads=8, d_ff=1536, seq_len=512,
+        moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=512),
+    ),
+    "gpu-m": ModelConfig(
+        vocab_size=16384, d_model=768, n_layers=12, n_heads=12, d_ff=2048, seq_len=1024,
+        moe=MoEConfig(n_routed=64, top_k=4, n_shared=1, d_expert=512),
+    ),
 }
 
 
