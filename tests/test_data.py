@@ -394,3 +394,13 @@ def test_prepare_pystdlib_end_to_end(tmp_path):
     assert d.meta["n_docs_val"] > 0 and time.perf_counter() - t0 < 120
     text = d.tokenizer.decode(d.val_tokens[:2000].tolist())
     assert "def " in text or "import " in text
+
+
+@pytest.mark.slow
+def test_pysrc_adds_site_packages_deduplicated():
+    std, src = resolve_corpus("pystdlib"), resolve_corpus("pysrc")
+    keys = {f.key for f in src.files}
+    assert len(src.files) > len(std.files) and any(k.startswith("site-packages") for k in keys)
+    assert len({f.sha256 for f in src.files}) == len(src.files), "deduplicated by content"
+    std_hashes = {f.sha256 for f in std.files}
+    assert std_hashes <= {f.sha256 for f in src.files}
