@@ -97,7 +97,7 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
                 blk.moe.router_bias[...] = updated_bias(blk.moe.router_bias[...], aux["load"][i],
                                                         moe.bias_rate)
             _, _, rest = nnx.split(model, nnx.Param, ...)
-        metrics = {"loss": ce, "total_loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": ce, "total_loss": loss, "grad_norm": optax.tree.norm(grads)}
         if moe is not None:
             load = aux["load"]
             metrics["max_load"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
