@@ -12,6 +12,7 @@ A batch is ``{"tokens": int32 [B, T+1], "hash_ids": {layer_id: int32 [B, T, G]}}
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -38,17 +39,44 @@ def _gather(tokens: np.ndarray, starts_B: np.ndarray, seq_len: int, hash_fn: Has
     return {"tokens": tokens_BxT1, "hash_ids": hash_ids}
 
 
+def _train_batch(tokens, batch_size, seq_len, seed, hash_fn, step: int) -> dict:
+    starts_B = window_starts(len(tokens), batch_size, seq_len, seed, step)
+    return _gather(tokens, starts_B, seq_len, hash_fn)
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _produce(make_batch: Callable[[int], dict], step: int, q: queue.Queue, stop) -> None:
+    """Worker loop: put the batches of step, step + 1, ... (or a failure) into q until stopped.
+
+    It holds no reference to the iterator, so an iterator dropped without ``close()`` is still
+    collected (and its ``__del__`` stops this thread).
+    """
+    while not stop.is_set():
+        try:
+            item = make_batch(step)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            item = _Failure(e)
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item, _Failure):
+            return
+        step += 1
+
+
 def _check_length(n_tokens: int, seq_len: int, what: str) -> None:
     if n_tokens < seq_len + 1:
         raise ValueError(
             f"{what} stream has {n_tokens} tokens, shorter than one window of seq_len + 1 = "
             f"{seq_len + 1}: use a shorter seq_len or a larger corpus / val_fraction"
         )
-
-
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
 
 
 class BatchIterator:
@@ -97,31 +125,18 @@ class BatchIterator:
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
         self._thread: threading.Thread | None = None
         if prefetch > 0:
+            make_batch = functools.partial(_train_batch, tokens, batch_size, seq_len, seed, hash_fn)
             self._thread = threading.Thread(
-                target=self._worker, args=(start_step,), name="batch-prefetch", daemon=True
+                target=_produce, args=(make_batch, start_step, self._queue, self._stop),
+                name="batch-prefetch", daemon=True,
             )
             self._thread.start()
 
     def batch_at(self, step: int) -> dict:
         """The batch of one step (pure: same step, same batch)."""
-        starts_B = window_starts(len(self.tokens), self.batch_size, self.seq_len, self.seed, step)
-        return _gather(self.tokens, starts_B, self.seq_len, self.hash_fn)
-
-    def _worker(self, step: int) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self.batch_at(step)
-            except BaseException as e:  # handed to the consumer, which re-raises it
-                item = _Failure(e)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, _Failure):
-                return
-            step += 1
+        return _train_batch(
+            self.tokens, self.batch_size, self.seq_len, self.seed, self.hash_fn, step
+        )
 
     def __iter__(self) -> BatchIterator:
         return self

@@ -6,6 +6,7 @@ whole file runs in seconds; only the full ``pystdlib`` tokenization is marked ``
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import threading
@@ -341,6 +342,13 @@ def test_batch_iterator_shutdown_and_errors():
     with pytest.raises(StopIteration):
         next(it)
     it.close()  # idempotent
+
+    dropped = BatchIterator(stream(), batch_size=2, seq_len=8, seed=0, prefetch=2)
+    thread = dropped._thread
+    del dropped  # never closed: collecting it stops the worker
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
     calls = []
 
