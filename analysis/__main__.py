@@ -1,0 +1,126 @@
+"""Command line: ``python -m analysis fit results/<grid> ...`` and ``python -m analysis plots``.
+
+Exit status: 0 on success (also when there are no grids yet, with a note), 2 on a missing or
+malformed results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+# Fits are tiny; a BLAS thread pool only spin-waits on a busy small machine. Set before numpy.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pandas as pd  # noqa: E402
+
+from analysis import load  # noqa: E402
+from analysis.fit import fit_optimum_vs_compute, fit_power_law, fit_u_curve  # noqa: E402
+
+
+def _ci(lo: float, hi: float) -> str:
+    if math.isnan(lo) or math.isnan(hi):
+        return "-"
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _num(v: float, fmt: str = ".4f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def allocation_table(runs: pd.DataFrame, *, n_boot: int, level: float) -> pd.DataFrame:
+    """One row per budget: rho*, its intervals, L*, the spline cross-check and the verdict."""
+    rows = []
+    for budget in load.budgets_by_compute(runs):
+        d = runs[runs["budget"] == budget]
+        f = fit_u_curve(d, n_boot=n_boot, level=level)
+        rows.append({
+            "budget": budget, "n_rho": f["n_points"], "runs": f["n_runs"],
+            "seeds": d["seed"].nunique(), "rho*": _num(f["rho_star"], ".3f"),
+            f"CI{level:.0%} (profile)": _ci(*f["profile_ci"]),
+            "CI (bootstrap)": _ci(*f["bootstrap_ci"]), "L*": _num(f["l_star"]),
+            "spline rho*": _num(f["spline_rho_star"], ".3f"),
+            "U-shaped": "yes" if f["is_u_shaped"] else "no", "reason": f["reason"],
+        })
+    return pd.DataFrame(rows)
+
+
+def _print_grid(runs: pd.DataFrame, name: str, n_boot: int, level: float) -> None:
+    dev = ",".join(sorted(runs.get("device_kind", pd.Series(["?"])).dropna().astype(str).unique()))
+    print(f"\n== {name}  ({len(runs)} ok runs, device {dev or '?'})")
+    if load.is_memory_grid(runs):
+        col = load.memory_column(runs)
+        d = runs[runs[col] > 0] if col else runs.iloc[:0]
+        f = fit_power_law(d[col] if col else [], d["val_loss"], n_boot=min(n_boot, 500),
+                          level=level)
+        print(f"memory scaling: L = E + A x^-alpha over {col} ({f['n_points']} runs)")
+        if f["ok"]:
+            print(f"  alpha = {f['alpha']:.4f} {_ci(*f['alpha_ci'])}   E = {f['E']:.4f} "
+                  f"{_ci(*f['E_ci'])}   A = {f['A']:.4g}   ({f['reason']})")
+        else:
+            print(f"  no fit: {f['reason']}")
+        return
+    with pd.option_context("display.width", 200, "display.max_colwidth", 70):
+        print(allocation_table(runs, n_boot=n_boot, level=level).to_string(index=False))
+    if runs["budget"].nunique() >= 2:
+        o = fit_optimum_vs_compute(runs, n_boot=min(n_boot, 300), level=level)
+        if o["ok"]:
+            print(f"rho* vs compute: rho* = {o['a']:.3f} + {o['b']:.3f} log10(C)  "
+                  f"(slope se {_num(o['b_se'], '.3f')}; {o['reason']})")
+        else:
+            print(f"rho* vs compute: {o['reason']}")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    for path in args.grids:
+        runs = load.load_runs(path)
+        name = Path(path).name if Path(path).is_dir() else Path(path).parent.name
+        if runs.empty:
+            print(f"\n== {name}: no runs with status ok")
+            continue
+        _print_grid(runs, name, args.n_boot, args.level)
+    return 0
+
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    from analysis import plots  # matplotlib only when drawing
+
+    grids = load.find_grids(args.results)
+    if not grids:
+        print(f"no results/<grid>/runs.csv under {args.results!s} yet: nothing to plot "
+              "(run `make sweep` first)")
+        return 0
+    written = plots.make_all(args.results, args.out, n_boot=args.n_boot)
+    for p in written:
+        print(p)
+    print(f"{len(written)} files from {len(grids)} grid(s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="print the fits of one or more grids")
+    f.add_argument("grids", nargs="+", help="results/<grid> directories or runs.csv files")
+    f.add_argument("--n-boot", type=int, default=1000)
+    f.add_argument("--level", type=float, default=0.95)
+    f.set_defaults(func=cmd_fit)
+    p = sub.add_parser("plots", help="regenerate every figure from every results/<grid>")
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", default=None, help="default: <results>/figures")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.set_defaults(func=cmd_plots)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except load.ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Paper-style figures from result grids: allocation U-curves, memory scaling, training curves.
+
+Every figure is written as PDF (for the paper) and PNG (for a quick look) by :func:`save`;
+:func:`make_all` regenerates all of them from every ``results/<grid>/runs.csv`` (``make plots``).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; never need a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+from analysis import load, style  # noqa: E402
+from analysis.fit import fit_power_law, fit_u_curve  # noqa: E402
+from analysis.powerlaw import power_law  # noqa: E402
+
+RHO_LABEL = r"$\rho$ (share of sparse params in routed experts)"
+
+
+def describe(df: pd.DataFrame, budget: str | None = None) -> str:
+    """One-line provenance for a title: grid, budget, device and number of seeds."""
+    d = df if budget is None else df[df["budget"] == budget]
+    grid = ",".join(sorted(d["grid"].astype(str).unique()))
+    dev = ",".join(sorted(d["device_kind"].dropna().astype(str).unique())) \
+        if "device_kind" in d.columns else "?"
+    seeds = d["seed"].nunique()
+    parts = [grid] + ([f"budget {budget}"] if budget is not None else [])
+    return " | ".join(parts + [dev or "?", f"{seeds} seed{'s' * (seeds != 1)}"])
+
+
+def _panels(n: int):
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    width = style.COLUMN_WIDTH if ncols == 1 else style.FULL_WIDTH
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
+                             figsize=(width, nrows * width / ncols * style.ASPECT + 0.25))
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()[:n]
+
+
+def _seeds_and_means(ax, d: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Individual seeds as faint dots, the per-x mean +- std as error bars."""
+    ax.plot(d[x], d[y], "o", ms=2, color=style.DATA, alpha=0.25, mec="none", zorder=2)
+    agg = load.aggregate(d, by=(x,), y=y)
+    ax.errorbar(agg[x], agg["mean"], yerr=agg["std"].fillna(0), fmt="o", color=style.DATA,
+                ms=3, lw=0.8, zorder=3, label="mean $\\pm$ std over seeds")
+    return agg
+
+
+NOTE_COLOUR = "#7a2a20"
+
+
+def _note(ax, text: str) -> None:
+    """A warning as a handle-less legend entry, so legend placement keeps it off the data."""
+    ax.plot([], [], " ", label=textwrap.fill(text, 44))
+
+
+def allocation_panel(ax, d: pd.DataFrame, fit: dict, *, y: str = "val_loss") -> None:
+    """Loss against rho for one budget: seeds, means, parabola, bootstrap band and optimum."""
+    agg = _seeds_and_means(ax, d, "rho", y)
+    if len(agg) >= 3:  # the spline cross-check, lightly, so the parabola stays the message
+        from scipy.interpolate import Akima1DInterpolator
+        xx = np.linspace(agg["rho"].min(), agg["rho"].max(), 200)
+        ax.plot(xx, Akima1DInterpolator(agg["rho"], agg["mean"])(xx), ":", color="0.55",
+                lw=0.7, zorder=1, label="Akima spline of means")
+    if fit["is_u_shaped"]:
+        lo, hi = fit["window"]
+        xx = np.linspace(lo, hi, 200)
+        bs = fit["boot_samples"]
+        if len(bs) >= 10:
+            pred = bs[:, 1, None] + bs[:, 2, None] * (xx[None, :] - bs[:, 0, None]) ** 2
+            q = (1 - fit["level"]) / 2
+            ax.fill_between(xx, *np.quantile(pred, [q, 1 - q], axis=0), color=style.BAND,
+                            alpha=0.5, lw=0, zorder=1, label="bootstrap band")
+        ax.plot(xx, fit["l_star"] + fit["k"] * (xx - fit["rho_star"]) ** 2, color=style.FIT,
+                lw=1.1, zorder=4, label="parabola fit")
+        x0, x1 = agg["rho"].min(), agg["rho"].max()
+        ax.axvspan(max(fit["ci_low"], x0 - 0.05), min(fit["ci_high"], x1 + 0.05),
+                   color=style.OPTIMUM, alpha=0.12, lw=0, zorder=0)
+        ax.plot([fit["rho_star"]], [fit["l_star"]], "D", color=style.OPTIMUM, ms=3.5, zorder=5,
+                label=f"$\\rho^*$ = {fit['rho_star']:.3f}, {fit['level']:.0%} CI "
+                f"[{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]")
+    else:
+        _note(ax, f"no U-shape: {fit['reason']}")
+    ax.set_xlabel(RHO_LABEL)
+    ax.set_ylabel("validation loss")
+    ax.margins(x=0.05, y=0.12)
+
+
+KEEP = ("$\\rho^*$", "no U-shape", "no power-law")  # entries every panel keeps
+
+
+def _legend(ax, keep_all: bool, loc: str = "best", anchor=None) -> None:
+    """Legend placed away from the data; later panels keep only their own optimum entry."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not keep_all:
+        pairs = [(h, lab) for h, lab in zip(handles, labels) if lab.startswith(KEEP)]
+        handles, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+    if handles:
+        leg = ax.legend(handles, labels, loc=loc, bbox_to_anchor=anchor, fontsize=6, handlelength=1.5)
+        for t in leg.get_texts():
+            if t.get_text().startswith(KEEP[1:]):
+                t.set_color(NOTE_COLOUR)
+
+
+def plot_allocation(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> plt.Figure:
+    """Figure (a): validation loss against rho, one panel per budget.
+
+    Args:
+        df: runs of one rho grid (several budgets allowed).
+        n_boot, seed: bootstrap settings of the fit.
+
+    Returns:
+        The figure (not saved).
+    """
+    budgets = load.budgets_by_compute(df)
+    with style.context():
+        fig, axes = _panels(len(budgets))
+        for ax, b in zip(axes, budgets):
+            d = df[df["budget"] == b]
+            allocation_panel(ax, d, fit_u_curve(d, n_boot=n_boot, seed=seed))
+            ax.set_title(describe(df, b), fontsize=7)
+        for i, ax in enumerate(axes):
+            _legend(ax, keep_all=i == 0)
+        fig.tight_layout()
+    return fig
+
+
+def plot_memory(df: pd.DataFrame, *, n_boot: int = 500, seed: int = 0) -> plt.Figure | None:
+    """Figure (b): loss against Engram memory on log-log axes with the power-law fit.
+
+    Returns:
+        The figure, or None when the grid does not vary memory.
+    """
+    col = load.memory_column(df)
+    if col is None:
+        return None
+    with style.context():
+        fig, axes = _panels(1)
+        ax = axes[0]
+        d = df[df[col] > 0]
+        _seeds_and_means(ax, d, col, "val_loss")
+        f = fit_power_law(d[col], d["val_loss"], n_boot=n_boot, seed=seed)
+        xx = np.logspace(np.log10(d[col].min()), np.log10(d[col].max()), 200)
+        if f["ok"]:
+            bs = f["boot_samples"]
+            if len(bs) >= 10:
+                pred = power_law(xx[None, :], bs[:, 0, None], bs[:, 1, None], bs[:, 2, None])
+                ax.fill_between(xx, *np.quantile(pred, [0.025, 0.975], axis=0),
+                                color=style.BAND, alpha=0.5, lw=0, label="bootstrap band")
+            lo, hi = f["alpha_ci"]
+            ax.plot(xx, power_law(xx, f["E"], f["A"], f["alpha"]), color=style.FIT,
+                    label=f"$E + A\\,x^{{-\\alpha}}$, E = {f['E']:.3f}\n"
+                    f"$\\alpha$ = {f['alpha']:.3f} [{lo:.3f}, {hi:.3f}]")
+        else:
+            _note(ax, f"no power-law fit: {f['reason']}")
+        base = df.loc[df[col] == 0, "val_loss"]
+        if len(base):
+            ax.axhline(base.mean(), ls="--", lw=0.7, color="0.4", label="no Engram (MoE)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        # A narrow loss range on a log axis gets no major ticks by default: use plain ones.
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(5))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3f"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("Engram table rows (slots)" if col == "engram_slots"
+                      else "Engram table parameters")
+        ax.set_ylabel("validation loss")
+        ax.set_title(describe(df), fontsize=7)
+        # Loss falls left to right, so the upper right is free below the baseline line
+        # ("best" would ignore the axhline).
+        _legend(ax, keep_all=True, loc="upper right", anchor=(1.0, 0.92))
+        fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> plt.Figure | None:
+    """Figure (c): validation loss against tokens, one colour per rho (or memory size).
+
+    Seeds of one setting are averaged at each evaluation point, so each colour is one line.
+
+    Returns:
+        The figure, or None when the grid has no evaluated curve points.
+    """
+    mem = load.memory_column(runs) if load.is_memory_grid(runs) else None
+    key, label = (mem, "Engram slots") if mem else ("rho", r"$\rho$")
+    c = curves.dropna(subset=["val_loss", "tokens"])
+    c = c.merge(runs[["trial_id", "budget", key]], on="trial_id")
+    if c.empty:
+        return None
+    vals = np.sort(runs[key].dropna().unique())
+    pos = vals[vals > 0]
+    if mem:
+        norm = matplotlib.colors.LogNorm(pos.min(), max(pos.max(), pos.min() * 1.01))
+    else:
+        norm = matplotlib.colors.Normalize(vals.min(), max(vals.max(), vals.min() + 1e-9))
+    cmap = plt.get_cmap(style.CMAP)
+    budgets = [b for b in load.budgets_by_compute(runs) if b in set(c["budget"])]
+    with style.context():
+        fig, axes = _panels(len(budgets))
+        for ax, b in zip(axes, budgets):
+            d = c[c["budget"] == b].groupby([key, "tokens"], as_index=False)["val_loss"].mean()
+            for v, t in d.groupby(key):
+                colour = "0.3" if (mem and v <= 0) else cmap(0.9 * norm(v))  # no pale yellow
+                ax.plot(t["tokens"], t["val_loss"], lw=0.8, color=colour)
+            # Zoom on the later part of training, where the settings separate.
+            late = d.loc[d["tokens"] >= 0.3 * d["tokens"].max(), "val_loss"]
+            lo, hi = d["val_loss"].min(), late.max()
+            pad = 0.05 * (hi - lo) if hi > lo else 0.01
+            ax.set_ylim(lo - pad, hi + pad)
+            shown = d.loc[d["val_loss"] <= hi + pad, "tokens"]
+            ax.set_xlim(0.95 * shown.min(), 1.02 * d["tokens"].max())
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel("validation loss")
+            ax.set_title(describe(runs, b), fontsize=7)
+            ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
+        fig.tight_layout()
+        sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=matplotlib.colors.ListedColormap(
+            cmap(np.linspace(0, 0.9, 256))))
+        cb = fig.colorbar(sm, ax=list(axes), fraction=0.05, pad=0.02, aspect=25)
+        cb.set_label(label + (" (grey: none)" if mem and (vals <= 0).any() else ""))
+        cb.outline.set_linewidth(0.4)
+    return fig
+
+
+def save(fig: plt.Figure, out_dir: str | Path, stem: str) -> list[Path]:
+    """Writes ``<stem>.pdf`` and ``<stem>.png`` under out_dir and closes the figure."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.pdf", out / f"{stem}.png"]
+    with style.context():
+        for p in paths:
+            fig.savefig(p)
+    plt.close(fig)
+    return paths
+
+
+def make_all(results: str | Path = "results", out: str | Path | None = None, *,
+             n_boot: int = 1000) -> list[Path]:
+    """Regenerates every figure from every ``<results>/<grid>/runs.csv``.
+
+    Args:
+        results: the results root. out: figure directory (default ``<results>/figures``).
+        n_boot: bootstrap replicates of the U-curve fits.
+
+    Returns:
+        The written files (empty when no grid exists).
+
+    Raises:
+        load.ResultsError: a runs.csv is malformed.
+    """
+    out = Path(results) / "figures" if out is None else Path(out)
+    written: list[Path] = []
+    for gdir in load.find_grids(results):
+        runs = load.load_runs(gdir)
+        if runs.empty:
+            continue
+        name = gdir.name
+        if load.is_memory_grid(runs):
+            fig = plot_memory(runs, n_boot=min(n_boot, 500))
+            if fig is not None:
+                written += save(fig, out, f"{name}_memory_scaling")
+        else:
+            written += save(plot_allocation(runs, n_boot=n_boot), out, f"{name}_allocation")
+        fig = plot_curves(runs, load.load_curves(gdir))
+        if fig is not None:
+            written += save(fig, out, f"{name}_curves")
+    return written
