@@ -1,0 +1,120 @@
+"""Loading result grids, aggregating seeds, drawing figures and the `python -m analysis` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import load, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """A results root with a two-budget rho grid, a memory grid and a monotone grid."""
+    root = tmp_path_factory.mktemp("results")
+    synthetic.write_rho_grid(root, "alloc", budgets=("small", "medium"), seeds=3)
+    synthetic.write_memory_grid(root, "memory")
+    synthetic.write_rho_grid(root, "mono", shape="monotone", seeds=2, curves=False)
+    return root
+
+
+def test_load_runs_and_aggregate(results):
+    df = load.load_runs(results / "alloc")
+    assert len(df) == 2 * 7 * 3 and (df["status"] == "ok").all()
+    assert np.allclose(df["compute"], df["flops_per_token"] * df["tokens_seen"])
+    both = load.load_runs([results / "alloc", results / "mono" / "runs.csv"])
+    assert set(both["grid"]) == {"alloc", "mono"}
+    agg = load.aggregate(df)
+    assert list(agg.columns) == ["budget", "rho", "mean", "std", "sem", "n"]
+    assert len(agg) == 14 and (agg["n"] == 3).all()
+    assert np.allclose(agg["sem"], agg["std"] / np.sqrt(3))
+    assert load.budgets_by_compute(df) == ["small", "medium"]
+
+
+def test_status_filter_and_tolerance(tmp_path):
+    gdir = synthetic.write_rho_grid(tmp_path, "g", seeds=1, curves=False)
+    df = pd.read_csv(gdir / "runs.csv")
+    df.loc[0, "status"], df.loc[1, "status"] = "error", "diverged"
+    df = df.drop(columns=["grid", "budget", "seed", "device_kind"]).assign(extra_col=1)
+    df.to_csv(gdir / "runs.csv", index=False)
+    ok = load.load_runs(gdir)
+    assert len(ok) == 5 and set(ok["grid"]) == {"g"} and set(ok["budget"]) == {"default"}
+    assert len(load.load_runs(gdir, keep_all=True)) == 7
+
+
+def test_missing_and_malformed(tmp_path):
+    with pytest.raises(load.ResultsError, match="no runs.csv"):
+        load.load_runs(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pd.DataFrame({"trial_id": ["a"], "status": ["ok"], "loss": [1.0]}).to_csv(bad / "runs.csv")
+    with pytest.raises(load.ResultsError, match="rho"):
+        load.load_runs(bad)
+
+
+def test_curves_and_grid_kind(results):
+    c = load.load_curves(results / "alloc")
+    assert {"trial_id", "step", "tokens", "train_loss", "val_loss", "lr"} <= set(c.columns)
+    assert c["trial_id"].nunique() == 42 and c["val_loss"].isna().any()
+    assert load.load_curves(results / "mono").empty
+    assert load.is_memory_grid(load.load_runs(results / "memory"))
+    assert not load.is_memory_grid(load.load_runs(results / "alloc"))
+    assert load.find_grids(results) == [results / n for n in ("alloc", "memory", "mono")]
+
+
+def _check_png(path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    assert path.stat().st_size > 20_000, f"{path} is suspiciously small"
+    img = mpimg.imread(path)
+    assert img.std() > 0.05, f"{path} looks blank"
+
+
+def test_make_all_writes_figures(results, tmp_path):
+    from analysis import plots
+
+    written = plots.make_all(results, tmp_path, n_boot=50)
+    names = {p.name for p in written}
+    for stem in ("alloc_allocation", "alloc_curves", "memory_memory_scaling", "memory_curves",
+                 "mono_allocation"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+        _check_png(tmp_path / f"{stem}.png")
+        assert (tmp_path / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+    assert "mono_curves.png" not in names  # that grid has no curves: skipped, not an error
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "analysis", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_fit(results):
+    r = _cli("fit", str(results / "alloc"), str(results / "memory"), str(results / "mono"),
+             "--n-boot", "50")
+    assert r.returncode == 0, r.stderr
+    assert "rho*" in r.stdout and "rho* vs compute" in r.stdout
+    assert "alpha =" in r.stdout
+    assert "edge" in r.stdout  # the monotone grid is reported as such
+
+
+def test_cli_plots(results, tmp_path):
+    out = tmp_path / "figs"
+    r = _cli("plots", "--results", str(results), "--out", str(out), "--n-boot", "50")
+    assert r.returncode == 0, r.stderr
+    assert (out / "alloc_allocation.png").stat().st_size > 20_000
+    empty = _cli("plots", "--results", str(tmp_path / "empty"))
+    assert empty.returncode == 0 and "nothing to plot" in empty.stdout
+    bad = tmp_path / "badres" / "g"
+    bad.mkdir(parents=True)
+    (bad / "runs.csv").write_text("trial_id,status\na,ok\n")
+    r = _cli("plots", "--results", str(tmp_path / "badres"))
+    assert r.returncode != 0 and "lacks required column" in r.stderr

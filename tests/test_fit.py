@@ -1,0 +1,140 @@
+"""The fitters recover known optima and exponents from noisy synthetic data, and say 'no' plainly.
+
+Statistical tests use fixed seeds, so they are deterministic; the thresholds leave room for the
+Monte-Carlo error of 40 repetitions (a 95% interval covering 38/40 on average; >= 0.8 asked).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.fit import fit_optimum_vs_compute, fit_power_law, fit_u_curve
+
+RHOS = np.round(np.arange(0.4, 1.001, 0.1), 2)
+TRUE_RHO = 0.78
+
+
+def u_data(rng, *, seeds=3, k=0.3, noise=0.002, x_star=TRUE_RHO, rhos=RHOS) -> pd.DataFrame:
+    x = np.repeat(rhos, seeds)
+    y = 1.8 + k * (x - x_star) ** 2 + rng.normal(0, noise, x.size)
+    return pd.DataFrame({"rho": x, "val_loss": y, "seed": np.tile(np.arange(seeds), len(rhos))})
+
+
+def test_u_fit_recovers_optimum():
+    f = fit_u_curve(u_data(np.random.default_rng(0)), n_boot=200)
+    assert f["is_u_shaped"], f["reason"]
+    assert abs(f["rho_star"] - TRUE_RHO) < 0.03
+    assert f["ci_low"] < f["rho_star"] < f["ci_high"]
+    assert f["bootstrap_ci"][0] < f["bootstrap_ci"][1]
+    assert abs(f["spline_rho_star"] - TRUE_RHO) < 0.06
+    assert abs(f["l_star"] - 1.8) < 0.003 and f["k"] > 0
+    assert (f["n_points"], f["n_runs"]) == (7, 21)
+
+
+def test_u_fit_interval_coverage():
+    rng = np.random.default_rng(1)
+    reps = 40
+    covered = sum(
+        (f := fit_u_curve(u_data(rng), n_boot=50, seed=i))["is_u_shaped"]
+        and f["ci_low"] <= TRUE_RHO <= f["ci_high"]
+        for i in range(reps)
+    )
+    assert covered / reps >= 0.8, f"95% interval covered the truth in {covered}/{reps}"
+
+
+def test_u_fit_one_run_per_point_uses_residual_bootstrap():
+    # The paper's setting: one run per rho, no seeds.
+    f = fit_u_curve(u_data(np.random.default_rng(2), seeds=1, noise=0.001), n_boot=200)
+    assert f["is_u_shaped"], f["reason"]
+    assert "residual" in f["bootstrap_method"]
+    assert abs(f["rho_star"] - TRUE_RHO) < 0.05
+
+
+@pytest.mark.parametrize("shape", ["monotone", "flat", "flat_noisy"])
+def test_no_fake_optimum(shape):
+    rng = np.random.default_rng(3)
+    x = np.repeat(RHOS, 3)
+    y = {"monotone": 1.8 + 0.05 * (1 - x) + rng.normal(0, 0.001, x.size),
+         "flat": np.full(x.size, 1.8),
+         "flat_noisy": 1.8 + rng.normal(0, 0.002, x.size)}[shape]
+    f = fit_u_curve(pd.DataFrame({"rho": x, "val_loss": y}), n_boot=100)
+    assert not f["is_u_shaped"]
+    assert f["reason"]
+    assert math.isnan(f["rho_star"]) and math.isnan(f["ci_low"]) and math.isnan(f["ci_high"])
+
+
+def test_edge_optimum_is_flagged():
+    f = fit_u_curve(u_data(np.random.default_rng(4), x_star=1.05, noise=0.0005), n_boot=50)
+    assert not f["is_u_shaped"]
+    assert "edge" in f["reason"]
+    assert f["x_min_empirical"] == 1.0
+
+
+@pytest.mark.parametrize("df", [
+    pd.DataFrame({"rho": [0.5, 0.8], "val_loss": [1.8, 1.7]}),
+    pd.DataFrame({"rho": [0.5, 0.8, 0.9], "val_loss": [1.8, np.nan, np.nan]}),
+    pd.DataFrame({"rho": [], "val_loss": []}),
+    pd.DataFrame({"other": [1, 2, 3]}),
+])
+def test_degenerate_inputs_never_raise(df):
+    f = fit_u_curve(df, n_boot=20)
+    assert f["is_u_shaped"] is False and f["reason"]
+
+
+def test_three_points_exact_parabola():
+    # Three distinct x, one run each: a U with no residual dof, so no interval to report.
+    f = fit_u_curve(pd.DataFrame({"rho": [0.6, 0.8, 1.0], "val_loss": [1.82, 1.80, 1.81]}))
+    assert f["is_u_shaped"] and math.isnan(f["ci_low"]) and "dof" in f["reason"]
+
+
+def power_data(rng, E=1.5, A=30.0, alpha=0.3, noise=0.002, n=9):
+    x = np.logspace(4, 8, n)
+    return x, (E + A * x ** -alpha) * np.exp(rng.normal(0, noise, n))
+
+
+def test_power_law_recovers_parameters():
+    x, y = power_data(np.random.default_rng(5))
+    f = fit_power_law(x, y, n_boot=100)
+    assert f["ok"], f["reason"]
+    assert abs(f["alpha"] - 0.3) < 0.03
+    assert abs(f["E"] - 1.5) < 0.03
+    assert 20 < f["A"] < 45
+    assert f["alpha_ci"][0] <= f["alpha"] <= f["alpha_ci"][1]
+
+
+def test_power_law_is_robust_to_one_outlier():
+    x, y = power_data(np.random.default_rng(6), noise=0.001, n=12)
+    y[5] *= 1.05  # one broken run
+    f = fit_power_law(x, y, n_boot=0)
+    assert f["ok"] and abs(f["alpha"] - 0.3) < 0.05
+
+
+@pytest.mark.parametrize("x, y, why", [
+    ([1e4, 1e5, 1e6], [2.0, 1.9, 1.8], "needs"),
+    ([0, 1e4, 1e5, 1e6, 1e7], [2.1, 2.0, 1.9, 1.8, 1.75], "> 0"),
+    ([1e4, 1e5, 1e6, 1e7], [2.0, -1.0, 1.8, 1.7], "> 0"),
+    ([1e4, 1e5, 1e6, 1e7], [1.8, 1.8, 1.8, 1.8], "constant"),
+    ([1e4, 1e5], [2.0], "differ"),
+    ([1e4, 1e4, 1e4, 1e4, 1e4], [2.0, 1.9, 1.8, 1.8, 1.9], "distinct"),
+])
+def test_power_law_degenerate(x, y, why):
+    f = fit_power_law(x, y, n_boot=10)
+    assert f["ok"] is False and why in f["reason"]
+
+
+def test_optimum_vs_compute():
+    rng = np.random.default_rng(7)
+    frames = []
+    for budget, c, x_star in (("s", 1e17, 0.74), ("m", 1e18, 0.78), ("l", 1e19, 0.82)):
+        d = u_data(rng, x_star=x_star, noise=0.001)
+        frames.append(d.assign(budget=budget, compute=c))
+    o = fit_optimum_vs_compute(pd.concat(frames), n_boot=50)
+    assert o["ok"], o["reason"]
+    assert abs(o["b"] - 0.04) < 0.03 and o["b_se"] > 0
+    assert list(o["per_budget"]["budget"]) == ["s", "m", "l"]
+    one = fit_optimum_vs_compute(frames[0], n_boot=20)
+    assert not one["ok"] and ">= 2 budgets" in one["reason"]
