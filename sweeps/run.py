@@ -1,0 +1,203 @@
+"""Run a grid on Ray Tune: ``python -m sweeps.run GRID.yaml [--results DIR] [--force]``.
+
+Ray Tune only schedules; one trial is one ``engram_jax.train.run_trial`` call (``trainable.py``).
+A local Ray instance is started unless ``RAY_ADDRESS`` names an existing cluster. GPU trials get one
+GPU each where the cluster has GPUs (``JAX_PLATFORMS=cuda``), CPU trials otherwise. This driver
+never imports JAX.
+
+Layout under ``<results>/<grid>/``: ``runs.csv``, ``curves/``, ``README.md`` (the tidy results),
+``grid.json`` (the expanded trials), and, git-ignored, ``trials/<trial_id>/`` (each trial's
+metrics, record and orbax checkpoint) and ``ray/`` (Tune's experiment state).
+
+Rerunning the same command resumes an interrupted grid (``Tuner.restore``, errored trials
+resumed, finished ones not rerun). A finished grid is never overwritten without ``--force``.
+Exit status: 0 all trials finished; 1 some failed or were interrupted; 2 invalid grid; 3 refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from sweeps.grid import Grid, GridError, load_grid
+from sweeps.results import (
+    LEAD_COLUMNS, atomic_write, build_rows, command_line, summary_table, to_csv, write_curves,
+    write_readme,
+)
+from sweeps.trainable import spec_to_config, train_trial
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT = "tune"
+_OWNED = ("runs.csv", "curves", "README.md", "grid.json", "trials", "ray", ".gitignore")
+_GITIGNORE = "# checkpoints and Ray state stay out of git; runs.csv, curves/ and README.md are the results\ntrials/\nray/\n"
+
+# Fast, quiet Ray start-up; set before Ray is imported. Users can override each.
+for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+               "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+               "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+               "TUNE_MAX_PENDING_TRIALS_PG": "1", "RAY_DEDUP_LOGS": "0"}.items():
+    os.environ.setdefault(_k, _v)
+
+
+def grid_state(out: Path, grid: Grid) -> str:
+    """'new', 'finished' (every trial ok in runs.csv) or 'partial'."""
+    runs = out / "runs.csv"
+    if not runs.exists() and not (out / "grid.json").exists():
+        return "new"
+    if runs.exists():
+        import csv
+
+        with runs.open() as f:
+            status = {r["trial_id"]: r["status"] for r in csv.DictReader(f)}
+        if set(status) == set(grid.trial_ids) and all(s == "ok" for s in status.values()):
+            return "finished"
+    return "partial"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grid", help="grid file, e.g. sweeps/grids/smoke.yaml")
+    ap.add_argument("--results", default="results", help="results root (default: results)")
+    ap.add_argument("--force", action="store_true", help="discard an existing run of this grid")
+    ap.add_argument("--max-concurrent", type=int, default=None,
+                    help="trials at once (default: as many as the resources allow)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    a = ap.parse_args(argv)
+
+    try:
+        grid = load_grid(a.grid)
+    except GridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.results).absolute() / grid.name
+    state = grid_state(out, grid)
+    trial_configs = [spec_to_config(s) for s in grid.trials]
+    if state == "finished" and not a.force:
+        print(f"refusing: {out} holds a finished run of grid {grid.name!r} "
+              f"({len(grid.trials)} trials); pass --force (make sweep FORCE=1) to run it again from "
+              "scratch", file=sys.stderr)
+        return 3
+    if state == "partial" and not a.force:
+        old = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else None
+        if old is not None and old != json.loads(json.dumps(trial_configs)):
+            print(f"refusing: {out} holds an unfinished run of a different version of grid "
+                  f"{grid.name!r}; restore the grid file to resume, or pass --force to start over",
+                  file=sys.stderr)
+            return 3
+    if a.force:
+        for name in _OWNED:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / ".gitignore", _GITIGNORE)
+    atomic_write(out / "grid.json", json.dumps(trial_configs, indent=1, sort_keys=True))
+    print(f"grid {grid.name}: {len(grid.trials)} trials -> {out}"
+          + (" (resuming)" if state == "partial" and not a.force else ""), flush=True)
+    return _run(grid, out, trial_configs, a)
+
+
+def _run(grid: Grid, out: Path, trial_configs: list[dict], a) -> int:
+    import ray
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from sweeps.progress import Progress
+
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING,
+                 num_cpus=a.num_cpus or os.cpu_count(), object_store_memory=200 * 1024**2)
+    try:
+        res, platform, max_conc = _resources(grid, ray.cluster_resources(), a.max_concurrent)
+        print(f"resources per trial: {res} (JAX_PLATFORMS={platform}); up to {max_conc} at a time",
+              flush=True)
+        for c in trial_configs:
+            c["out_dir"] = str(out / "trials" / c["trial_id"])
+            c["platform"] = platform
+        trainable = tune.with_resources(train_trial, res)
+        param_space = {"trial": tune.grid_search(trial_configs)}
+        exp = out / "ray" / EXPERIMENT
+        # SIGTERM stops like Ctrl-C: Tune saves its state, finished trials are written.
+        prev_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        if tune.Tuner.can_restore(str(exp)):
+            tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True,
+                                       param_space=param_space)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=max_conc, reuse_actors=False,
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0,
+                    callbacks=[Progress(), JsonLoggerCallback(), CSVLoggerCallback()],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
+        result_grid = tuner.fit()
+        errors = {}
+        for r in result_grid:
+            if r.error is not None:
+                lines = [ln for ln in str(r.error).strip().splitlines() if ln.strip()]
+                errors[r.config["trial"]["trial_id"]] = lines[-1].strip() if lines else repr(r.error)
+        ray_version = ray.__version__
+    finally:
+        ray.shutdown()
+        if "prev_sigterm" in locals():
+            signal.signal(signal.SIGTERM, prev_sigterm)
+    return _write_results(grid, out, errors, ray_version)
+
+
+def _write_results(grid: Grid, out: Path, errors: dict[str, str], ray_version: str) -> int:
+    rows = build_rows(grid, lambda tid: out / "trials" / tid, errors, ray_version)
+    for r in rows:
+        write_curves(out, r["trial_id"], out / "trials" / r["trial_id"])
+    atomic_write(out / "runs.csv", to_csv(rows, LEAD_COLUMNS))
+    write_readme(out, grid, rows, command_line(), ray_version)
+    print("\n" + summary_table(rows) + "\n")
+    many = [r["trial_id"] for r in rows if isinstance(r.get("epochs"), float) and r["epochs"] > 1]
+    if many:
+        print(f"WARNING: {len(many)} trial(s) saw their training split more than once ({', '.join(many)}): "
+              "hashed n-gram tables can memorise a repeated corpus", file=sys.stderr)
+    bad = [r for r in rows if r["status"] != "ok"]
+    print(f"wrote {out / 'runs.csv'} ({len(rows) - len(bad)} of {len(rows)} trials finished)")
+    if bad:
+        print("not finished: " + "; ".join(f"{r['trial_id']} ({r['status']}: {r['error']})" for r in bad),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _resources(grid: Grid, cluster: dict, max_concurrent: int | None) -> tuple[dict, str, int]:
+    n_gpu, n_cpu = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+    res = grid.resources
+    if res == "auto":
+        res = {"cpu": max(1, min(8, n_cpu // n_gpu)), "gpu": 1} if n_gpu else {"cpu": 1, "gpu": 0}
+    if res["gpu"] and not n_gpu:
+        raise SystemExit(f"error: grid {grid.name!r} asks for a GPU per trial but the Ray cluster has none "
+                         "(use resources: auto or {cpu: N, gpu: 0})")
+    if res["cpu"] > n_cpu:
+        raise SystemExit(f"error: grid {grid.name!r} asks for {res['cpu']} CPUs per trial; the Ray "
+                         f"cluster has {n_cpu}")
+    fit = n_gpu if res["gpu"] else n_cpu // res["cpu"]
+    return res, ("cuda" if res["gpu"] else "cpu"), max(1, max_concurrent or fit)
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["trial_id"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Grid validation, a real two-trial Ray Tune run on CPU, refusing to overwrite, and kill-and-resume.
+
+The Ray runs use a tiny model (the smoke base at seq_len 32), 4 steps, one CPU per trial, one trial
+at a time, on a small corpus of text files written to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sweeps.grid import GridError, load_grid
+
+REPO = Path(__file__).resolve().parent.parent
+GRIDS = sorted((REPO / "sweeps" / "grids").glob("*.yaml"))
+
+MICRO = """\
+name: micro
+base: smoke
+model: {{seq_len: 32}}
+rho: [1.0, 0.6]
+seeds: [0]
+steps: 4
+batch_size: 4
+corpus: {corpus}
+resources: {{cpu: 1, gpu: 0}}
+train: {{eval_every: 2, eval_batches: 1, log_every: 1, warmup_steps: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """~150 kB of pseudo-code: enough text for a 512-token BPE."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz_"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 8))) for _ in range(3000)]
+    for i in range(12):
+        lines = ["    ".join(rng.choice(words) for _ in range(8)) for _ in range(150)]
+        (d / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+@pytest.fixture
+def ray_env(tmp_path_factory, monkeypatch):
+    """Hermetic data cache for the trials (inherited by Ray workers)."""
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path_factory.getbasetemp() / "engram-cache"))
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: every error before any trial, nothing under results/ touched
+
+
+INVALID = {
+    "unknown-key": ("budget: smoke\nlearning_rate: 0.1\n", r"unknown key\(s\) \['learning_rate'\]; allowed keys: name"),
+    "rho-range": ("budget: smoke\nrho: [1.0, 1.5]\n", r"rho 1.5 is outside \[0, 1\]"),
+    "infeasible": ("budget: smoke\nrho: [0.8]\nengram: {d_head: 64, heads_per_ngram: 4}\n",
+                   r"infeasible allocation at rho=0.8: active parameters grow"),
+    "rounding": ("budget: smoke\nrho: [0.99]\n", r"infeasible allocation at rho=0.99: .*rounds to all"),
+    "unknown-budget": ("budget: huge\n", r"unknown budget 'huge'; known budgets: smoke"),
+    "unknown-preset": ("base: nope\nrho: [1.0]\n", r"unknown base preset 'nope'"),
+    "missing-corpus": ("budget: smoke\ncorpus: /nonexistent/corpus/dir\n", r"corpus: corpus '/nonexistent/corpus/dir' not found"),
+    "malformed-yaml": ("budget: smoke\nrho: [1.0, 0.8\n", r"malformed YAML"),
+    "bad-train-key": ("budget: smoke\ntrain: {lr: 0.1, lrr: 2}\n", r"unknown train key\(s\) \['lrr'\]"),
+    "bad-resources": ("budget: smoke\nresources: {cpu: 1, tpu: 1}\n", r"unknown resources key\(s\) \['tpu'\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_grid_fails_before_any_trial_and_touches_nothing(case, tmp_path, capsys):
+    from sweeps.run import main
+
+    text, match = INVALID[case]
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: g\n" + text)
+    with pytest.raises(GridError, match=match):
+        load_grid(grid)
+    results = tmp_path / "results"
+    (results / "g").mkdir(parents=True)
+    (results / "g" / "runs.csv").write_text("grid,trial_id,status\ng,rho1.00-s0,ok\n")
+    (results / "keep.txt").write_text("untouched")
+    before = _snapshot(results)
+    assert main([str(grid), "--results", str(results)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert _snapshot(results) == before
+
+
+def test_shipped_grids_load_with_stable_readable_ids():
+    names = {p.stem for p in GRIDS}
+    assert {"smoke", "cpu-small", "gpu-s", "gpu-m", "memory-smoke"} <= names
+    for p in GRIDS:
+        g = load_grid(p, check_corpus=False)
+        assert g.name == p.stem and len(set(g.trial_ids)) == len(g.trials)
+    smoke = load_grid(REPO / "sweeps" / "grids" / "smoke.yaml", check_corpus=False)
+    assert smoke.trial_ids == [f"rho{r:.2f}-s0" for r in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)]
+    mem = load_grid(REPO / "sweeps" / "grids" / "memory-smoke.yaml", check_corpus=False)
+    slots = [t.model.param_counts()["engram_tables"] for t in mem.trials]
+    assert slots == sorted(slots) and len(set(slots)) == len(slots)
+    assert len({t.model.param_counts()["active"] for t in mem.trials}) == 1  # fixed backbone
+
+
+def test_driver_validation_imports_neither_jax_nor_ray():
+    code = (
+        "import sys; from sweeps.grid import load_grid; import sweeps.run; "
+        "g = load_grid('sweeps/grids/smoke.yaml'); "
+        "assert 'jax' not in sys.modules and 'ray' not in sys.modules, "
+        "[m for m in ('jax', 'ray') if m in sys.modules]"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# real Ray Tune runs
+
+
+def test_micro_grid_runs_on_ray_and_refuses_to_overwrite(corpus, tmp_path, ray_env, capsys):
+    from sweeps.run import main
+
+    grid = tmp_path / "micro.yaml"
+    grid.write_text(MICRO.format(corpus=corpus))
+    results = tmp_path / "results"
+    rc = main([str(grid), "--results", str(results), "--max-concurrent", "1", "--num-cpus", "2"])
+    out = results / "micro"
+    assert rc == 0, capsys.readouterr()
+    rows = _rows(out / "runs.csv")
+    assert [r["trial_id"] for r in rows] == ["rho1.00-s0", "rho0.60-s0"]
+    assert all(r["status"] == "ok" and float(r["val_loss"]) > 0 for r in rows)
+    assert rows[1]["n_routed"] == "26" and int(rows[1]["engram_slots"]) > 0
+    for col in ("rho_actual", "config_hash", "params_active", "flops_per_token", "tokens_per_s",
+                "epochs", "git_commit", "ray_version", "corpus_fingerprint"):
+        assert rows[0][col] != "", col
+    for r in rows:
+        curve = _rows(out / "curves" / f"{r['trial_id']}.csv")
+        assert list(curve[0]) == ["step", "tokens", "train_loss", "val_loss", "lr"]
+        assert curve[-1]["step"] == "4"
+    readme = (out / "README.md").read_text()
+    assert "sweeps.run" in readme and "ray 2." in readme and "device kind: cpu" in readme
+    assert (out / ".gitignore").read_text().count("trials/") == 1
+
+    before = _snapshot(out)
+    assert main([str(grid), "--results", str(results)]) == 3
+    assert "--force" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(corpus, tmp_path, ray_env):
+    grid = tmp_path / "micro.yaml"
+    grid.write_text(MICRO.format(corpus=corpus))
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "sweeps.run", str(grid), "--results", str(results),
+           "--max-concurrent", "1", "--num-cpus", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = results / "micro" / "trials" / "rho1.00-s0" / "record.json"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert first.exists(), "the first trial did not finish"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while the second trial runs (or starts)
+        log1, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    first_record = first.read_bytes()
+    rows = _rows(results / "micro" / "runs.csv")
+    by_id = {r["trial_id"]: r["status"] for r in rows}
+    assert by_id["rho1.00-s0"] == "ok"
+    if by_id["rho0.60-s0"] != "ok":  # interrupted in time (not if trial 2 was already done)
+        assert proc.returncode == 1, log1
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "(resuming)" in second.stdout
+    print("--- interrupted run ---\n" + log1 + "\n--- resumed run ---\n" + second.stdout + second.stderr)
+    rows = _rows(results / "micro" / "runs.csv")
+    assert sorted(r["trial_id"] for r in rows) == ["rho0.60-s0", "rho1.00-s0"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert first.read_bytes() == first_record  # the finished trial was not trained again
+    assert "[rho1.00-s0] step 1 " not in second.stdout
+    for tid in ("rho1.00-s0", "rho0.60-s0"):
+        assert (results / "micro" / "curves" / f"{tid}.csv").exists()
