@@ -7,7 +7,6 @@ malformed results table.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -19,48 +18,19 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import pandas as pd  # noqa: E402
 
 from analysis import load  # noqa: E402
-from analysis.fit import fit_optimum_vs_compute, fit_power_law, fit_u_curve  # noqa: E402
-
-
-def _ci(lo: float, hi: float) -> str:
-    if math.isnan(lo) or math.isnan(hi):
-        return "-"
-    return f"[{lo:.3f}, {hi:.3f}]"
-
-
-def _num(v: float, fmt: str = ".4f") -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-
-
-def allocation_table(runs: pd.DataFrame, *, n_boot: int, level: float) -> pd.DataFrame:
-    """One row per budget: rho*, its intervals, L*, the spline cross-check and the verdict."""
-    rows = []
-    for budget in load.budgets_by_compute(runs):
-        d = runs[runs["budget"] == budget]
-        f = fit_u_curve(d, n_boot=n_boot, level=level)
-        rows.append({
-            "budget": budget, "n_rho": f["n_points"], "runs": f["n_runs"],
-            "seeds": d["seed"].nunique(), "rho*": _num(f["rho_star"], ".3f"),
-            f"CI{level:.0%} (profile)": _ci(*f["profile_ci"]),
-            "CI (bootstrap)": _ci(*f["bootstrap_ci"]), "L*": _num(f["l_star"]),
-            "spline rho*": _num(f["spline_rho_star"], ".3f"),
-            "U-shaped": "yes" if f["is_u_shaped"] else "no", "reason": f["reason"],
-        })
-    return pd.DataFrame(rows)
+from analysis.fit import fit_optimum_vs_compute  # noqa: E402
+from analysis.report import allocation_table, ci, memory_fit, num  # noqa: E402
 
 
 def _print_grid(runs: pd.DataFrame, name: str, n_boot: int, level: float) -> None:
     dev = ",".join(sorted(runs.get("device_kind", pd.Series(["?"])).dropna().astype(str).unique()))
     print(f"\n== {name}  ({len(runs)} ok runs, device {dev or '?'})")
     if load.is_memory_grid(runs):
-        col = load.memory_column(runs)
-        d = runs[runs[col] > 0] if col else runs.iloc[:0]
-        f = fit_power_law(d[col] if col else [], d["val_loss"], n_boot=min(n_boot, 500),
-                          level=level)
+        col, f = memory_fit(runs, n_boot=min(n_boot, 500), level=level)
         print(f"memory scaling: L = E + A x^-alpha over {col} ({f['n_points']} runs)")
         if f["ok"]:
-            print(f"  alpha = {f['alpha']:.4f} {_ci(*f['alpha_ci'])}   E = {f['E']:.4f} "
-                  f"{_ci(*f['E_ci'])}   A = {f['A']:.4g}   ({f['reason']})")
+            print(f"  alpha = {f['alpha']:.4f} {ci(*f['alpha_ci'])}   E = {f['E']:.4f} "
+                  f"{ci(*f['E_ci'])}   A = {f['A']:.4g}   ({f['reason']})")
         else:
             print(f"  no fit: {f['reason']}")
         return
@@ -70,7 +40,7 @@ def _print_grid(runs: pd.DataFrame, name: str, n_boot: int, level: float) -> Non
         o = fit_optimum_vs_compute(runs, n_boot=min(n_boot, 300), level=level)
         if o["ok"]:
             print(f"rho* vs compute: rho* = {o['a']:.3f} + {o['b']:.3f} log10(C)  "
-                  f"(slope se {_num(o['b_se'], '.3f')}; {o['reason']})")
+                  f"(slope se {num(o['b_se'], '.3f')}; {o['reason']})")
         else:
             print(f"rho* vs compute: {o['reason']}")
 
@@ -87,7 +57,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
-    from analysis import plots  # matplotlib only when drawing
+    import matplotlib
+
+    matplotlib.use("Agg")  # figures are files here; never need a display
+    from analysis import plots
 
     grids = load.find_grids(args.results)
     if not grids:

@@ -1,6 +1,7 @@
 """Paper-style figures from result grids: allocation U-curves, memory scaling, training curves.
 
-Every figure is written as PDF (for the paper) and PNG (for a quick look) by :func:`save`;
+The backend is left to the caller (the CLI picks Agg; notebooks use inline). Every figure is
+written as PDF (for the paper) and PNG (for a quick look) by :func:`save`;
 :func:`make_all` regenerates all of them from every ``results/<grid>/runs.csv`` (``make plots``).
 """
 
@@ -10,16 +11,14 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib import ticker
 
-matplotlib.use("Agg")  # figures are files; never need a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-
-from analysis import load, style  # noqa: E402
-from analysis.fit import fit_power_law, fit_u_curve  # noqa: E402
-from analysis.powerlaw import power_law  # noqa: E402
+from analysis import load, style
+from analysis.fit import fit_power_law, fit_u_curve
+from analysis.powerlaw import power_law
 
 RHO_LABEL = r"$\rho$ (share of sparse params in routed experts)"
 
