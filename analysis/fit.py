@@ -10,6 +10,12 @@ the optimum is estimated with its uncertainty, and "no U-shape" is a first-class
 * a run-level bootstrap interval (resample runs within each x, redo the whole procedure);
 * an Akima-spline argmin of the means as a model-light cross-check.
 
+Checked on synthetic data (tests/test_fit.py): with a parabolic truth the 95% profile interval
+covers the true optimum in 95% of 200 repetitions. A curve that rises faster on the low-rho side
+than the high side (as the paper's does towards rho -> 0) biases the local parabola's rho* towards
+the flatter side by ~0.01 and lowers coverage (~70% in a cubic-asymmetry check); the spline argmin
+is the model-light check for that.
+
 The power-law fitter for memory scaling (section 3) lives in :mod:`analysis.powerlaw` and is
 re-exported here.
 """
