@@ -7,6 +7,7 @@ at a time, on a small corpus of text files written to a temporary directory.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import signal
@@ -118,6 +119,17 @@ def test_shipped_grids_load_with_stable_readable_ids():
     slots = [t.model.param_counts()["engram_tables"] for t in mem.trials]
     assert slots == sorted(slots) and len(set(slots)) == len(slots)
     assert len({t.model.param_counts()["active"] for t in mem.trials}) == 1  # fixed backbone
+
+
+def test_token_budget_and_train_sweeps_expand(tmp_path):
+    g = tmp_path / "t.yaml"
+    g.write_text("base: smoke\nrho: [0.8]\ntokens: 10000\nbatch_size: 4\nseeds: [0, 1]\n"
+                 "sweep: {train.lr: [0.001, 0.003]}\n")
+    grid = load_grid(g, check_corpus=False)
+    assert grid.trial_ids == ["lr0.001-s0", "lr0.001-s1", "lr0.003-s0", "lr0.003-s1"]
+    assert {t.train.steps for t in grid.trials} == {math.ceil(10000 / (4 * 64))}
+    assert [t.train.lr for t in grid.trials] == [0.001, 0.001, 0.003, 0.003]
+    assert all(t.model.moe.n_routed == 34 and t.meta["rho"] == 0.8 for t in grid.trials)
 
 
 def test_driver_validation_imports_neither_jax_nor_ray():
