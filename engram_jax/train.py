@@ -188,9 +188,9 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
                 v = evaluate(state) if is_eval else None
                 if v is not None:
                     best_val = min(best_val, v)
+                ckpt.save(step, state)  # before reporting: a report marks a resumable step
                 flush(step, m, v)
                 pending = None
-                ckpt.save(step, state)
                 t_mark = time.perf_counter()
             if bar is not None:
                 bar.update(1)
