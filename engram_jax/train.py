@@ -198,7 +198,7 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
         batches.close()
         if bar is not None:
             bar.close()
-    ckpt.wait()
+        ckpt.wait()  # an interrupted run still leaves its last checkpoint complete
     final = _read_metrics(metrics_path, tcfg.steps)
     evals = [r for r in final if r.get("val_loss") is not None]
     final_val = evals[-1]["val_loss"]
