@@ -1,0 +1,390 @@
+"""Parity of the Flax ``Engram`` module with a PyTorch reference (engram-paper.md section 1).
+
+PyTorch is the reference framework. The classes below restate, for a single residual branch
+(hc_mult = 1), the module semantics of the public Engram demo (deepseek-ai/Engram,
+``engram_demo_v1.py``: ``MultiHeadEmbedding``, ``ShortConv``, ``Engram``). Our module gets every
+weight copied into the reference, hash ids come from our ``NgramHasher``, and we compare:
+
+- the forward output Y [B, T, D];
+- the gradients of a scalar loss w.r.t. the table, the hidden state and every other parameter
+  (torch autograd vs ``jax.grad`` through an ``nnx.split`` / ``nnx.merge`` functional call);
+- causality of both: changing the token (hence the hash ids) or the hidden state at t0 leaves the
+  outputs before t0 bit-identical, and the two frameworks still agree on the changed inputs.
+
+Epsilons: every RMSNorm uses eps = NORM_EPS = 1e-6, the ``ModelConfig.norm_eps`` default that the
+model passes to ``Engram(..., norm_eps=cfg.norm_eps)`` (torch's ``nn.RMSNorm(dim, eps=1e-6)``
+computes the same x * rsqrt(mean(x^2) + eps) * weight). The signed-square-root floor is 1e-6 in
+both, as in the demo.
+
+Tolerances (float32 throughout, ``torch.set_default_dtype`` untouched, JAX x64 off):
+outputs RTOL = ATOL = 1e-5; gradients GRAD_RTOL = GRAD_ATOL = 1e-4 relative to the gradient's own
+scale (``_assert_close_scaled``), because the signed square root's derivative 1 / (2 sqrt|s|)
+amplifies float32 rounding of the gate logit for tokens with a small |s|. These are the float32
+bounds for summing a few hundred products in a different order; they are never widened per case.
+Measured on these cases: outputs differ by at most ~1.1e-6 (|Y| up to ~7), gradients by at most
+~1.7e-5 of their scale (w_k, through the signed square root), so both bounds keep a 6-10x margin
+while a wrong eps (1e-5 for 1e-6: ~7e-4) or reversed conv taps (~7) fail by orders of magnitude.
+
+Conv taps, norm scales and biases are set to non-zero random values (the paper zero-initialises
+the taps and the norms start at 1, which would hide layout and dilation bugs).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from engram_jax.config import EngramConfig  # noqa: E402
+from engram_jax.hashing import NgramHasher  # noqa: E402
+from engram_jax.layers.engram import Engram  # noqa: E402
+
+NORM_EPS = 1e-6  # ModelConfig.norm_eps default: the eps of every RMSNorm in the module
+RTOL = 1e-5
+ATOL = 1e-5
+GRAD_RTOL = 1e-4
+GRAD_ATOL = 1e-4
+VOCAB = 1000  # compressed vocabulary size fed to the hasher
+PAD_ID = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference (hc_mult = 1)
+
+
+class MultiHeadEmbedding(nn.Module):
+    """One flat table for all heads; head i's ids are offset by sum(list_of_N[:i])."""
+
+    def __init__(self, list_of_N: list[int], D: int):
+        super().__init__()
+        self.num_heads = len(list_of_N)
+        self.embedding_dim = D
+        offsets = [0]
+        for n in list_of_N[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long))
+        self.embedding = nn.Embedding(num_embeddings=sum(list_of_N), embedding_dim=D)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B,T,G] -> [B,T,G,D]
+        return self.embedding(input_ids + self.offsets)
+
+
+class ShortConv(nn.Module):
+    """RMSNorm -> depthwise dilated causal Conv1d (no bias) -> SiLU, on [B, T, hc_mult, C]."""
+
+    def __init__(self, hidden_size: int, kernel_size: int = 4, dilation: int = 1,
+                 norm_eps: float = 1e-5, hc_mult: int = 1, activation: bool = True):
+        super().__init__()
+        assert hc_mult == 1, "this reference restates the hc_mult = 1 case only"
+        self.hc_mult = hc_mult
+        self.activation = activation
+        C = hidden_size * hc_mult
+        self.conv = nn.Conv1d(C, C, kernel_size=kernel_size, groups=C, bias=False,
+                              padding=(kernel_size - 1) * dilation, dilation=dilation)
+        self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,T,1,C] -> [B,T,1,C]
+        B, T, G, C = x.shape
+        assert G == self.hc_mult
+        x_norm = self.norms[0](x[:, :, 0, :])
+        y = self.conv(x_norm.transpose(1, 2))[..., :T]
+        if self.activation:
+            y = F.silu(y)
+        return y.transpose(1, 2).view(B, T, G, C).contiguous()
+
+
+class TorchEngram(nn.Module):
+    """The demo's Engram forward for one branch, given the layer's hash ids [B, T, G].
+
+    ``gate`` / ``conv`` default to the reference (both on); turning one off is the ablation
+    (alpha = 1, or Y = gated value) that our config exposes.
+    """
+
+    def __init__(self, d_model: int, primes_flat: list[int], d_head: int, max_ngram: int,
+                 kernel_size: int, norm_eps: float, hc_mult: int = 1, gate: bool = True,
+                 conv: bool = True):
+        super().__init__()
+        assert hc_mult == 1
+        self.hc_mult = hc_mult
+        self.d_model = d_model
+        self.use_gate, self.use_conv = gate, conv
+        M = len(primes_flat) * d_head
+        self.multi_head_embedding = MultiHeadEmbedding(primes_flat, d_head)
+        self.short_conv = ShortConv(d_model, kernel_size=kernel_size, dilation=max_ngram,
+                                    norm_eps=norm_eps, hc_mult=hc_mult)
+        self.value_proj = nn.Linear(M, d_model)
+        self.key_projs = nn.ModuleList([nn.Linear(M, d_model) for _ in range(hc_mult)])
+        self.norm1 = nn.ModuleList([nn.RMSNorm(d_model, eps=norm_eps) for _ in range(hc_mult)])
+        self.norm2 = nn.ModuleList([nn.RMSNorm(d_model, eps=norm_eps) for _ in range(hc_mult)])
+
+    def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
+        embeddings = self.multi_head_embedding(hash_ids).flatten(start_dim=-2)  # [B,T,M]
+        gates = []
+        for i in range(self.hc_mult):
+            key = self.key_projs[i](embeddings)
+            normed_key = self.norm1[i](key)
+            query = hidden_states[:, :, i, :]
+            normed_query = self.norm2[i](query)
+            gate = (normed_key * normed_query).sum(dim=-1) / math.sqrt(self.d_model)
+            gate = gate.abs().clamp_min(1e-6).sqrt() * gate.sign()
+            gate = gate.sigmoid().unsqueeze(-1)
+            if not self.use_gate:
+                gate = torch.ones_like(gate)
+            gates.append(gate)
+        gates = torch.stack(gates, dim=2)  # [B,T,1,1]
+        value = gates * self.value_proj(embeddings).unsqueeze(2)  # [B,T,1,D]
+        if not self.use_conv:
+            return value
+        return value + self.short_conv(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# cases: all single-branch (hc_mult = 1), the only residual layout the model builds
+
+REFERENCE_CASES = {
+    # bigrams only, one head, D != M
+    "n2_h1": dict(layer_ids=(0,), layer_id=0, max_ngram=2, heads=1, d_head=8,
+                  table_sizes=(61,), kernel=4, D=24, B=2, T=19),
+    # bigrams + trigrams, two heads per order, second layer (primes continue the global search)
+    "n3_h2_layer2": dict(layer_ids=(1, 4), layer_id=4, max_ngram=3, heads=2, d_head=8,
+                         table_sizes=(101, 53), kernel=4, D=32, B=2, T=23),
+    # four heads per order, the paper's N = 3 and kernel 4 (dilation 3: reach 9 back)
+    "n3_h4": dict(layer_ids=(2,), layer_id=2, max_ngram=3, heads=4, d_head=4,
+                  table_sizes=(127, 131), kernel=4, D=48, B=3, T=29),
+    # max_ngram 2 with three heads and a shorter kernel
+    "n2_h3_k3": dict(layer_ids=(0, 1), layer_id=1, max_ngram=2, heads=3, d_head=16,
+                     table_sizes=(97,), kernel=3, D=40, B=2, T=17),
+}
+# Our config's ablation switches, checked against the reference with the same part removed.
+ABLATION_CASES = {
+    "no_gate": dict(REFERENCE_CASES["n3_h2_layer2"], gate=False),
+    "no_conv": dict(REFERENCE_CASES["n3_h2_layer2"], conv=False),
+}
+ALL_CASES = {**REFERENCE_CASES, **ABLATION_CASES}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(name: str) -> SimpleNamespace:
+    """Our module (randomised taps, norm scales, biases), its torch copy, the hasher, inputs."""
+    case = ALL_CASES[name]
+    seed = 11 + list(ALL_CASES).index(name)
+    ecfg = EngramConfig(
+        layer_ids=case["layer_ids"], max_ngram=case["max_ngram"],
+        heads_per_ngram=case["heads"], d_head=case["d_head"], table_sizes=case["table_sizes"],
+        conv_kernel=case["kernel"], gate=case.get("gate", True), conv=case.get("conv", True),
+        seed=seed,
+    )
+    lid, D = case["layer_id"], case["D"]
+    ours = Engram(D, ecfg, lid, norm_eps=NORM_EPS, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed + 1)
+
+    def rand(shape, scale=1.0):
+        return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+    def around_one(shape):
+        return jnp.asarray(1.0 + 0.5 * rng.standard_normal(shape), jnp.float32)
+
+    # O(1) table rows so the gate logits spread over both signs and many magnitudes.
+    ours.table.set_value(rand(ours.table[...].shape))
+    ours.b_v.set_value(rand((D,), 0.3))
+    if ecfg.gate:
+        ours.b_k.set_value(rand((D,), 0.3))
+        ours.norm_k.weight.set_value(around_one((D,)))
+        ours.norm_h.weight.set_value(around_one((D,)))
+    if ecfg.conv:
+        ours.conv_norm.weight.set_value(around_one((D,)))
+        ours.conv_w.set_value(rand((ecfg.conv_kernel, D), 0.5))
+        assert float(jnp.min(jnp.abs(ours.conv_w[...]))) > 0.0
+
+    primes = ecfg.primes()[lid]
+    primes_flat = [p for order in primes for p in order]  # order-major, as the hash ids
+    ref = TorchEngram(D, primes_flat, ecfg.d_head, ecfg.max_ngram, ecfg.conv_kernel, NORM_EPS,
+                      gate=ecfg.gate, conv=ecfg.conv)
+
+    def t(x):
+        return torch.from_numpy(np.array(x, dtype=np.float32))
+
+    with torch.no_grad():
+        ref.multi_head_embedding.embedding.weight.copy_(t(ours.table[...]))
+        ref.value_proj.weight.copy_(t(ours.w_v[...]).T)  # ours [M, D], torch [D, M]
+        ref.value_proj.bias.copy_(t(ours.b_v[...]))
+        if ecfg.gate:
+            ref.key_projs[0].weight.copy_(t(ours.w_k[...]).T)
+            ref.key_projs[0].bias.copy_(t(ours.b_k[...]))
+            ref.norm1[0].weight.copy_(t(ours.norm_k.weight[...]))  # key norm
+            ref.norm2[0].weight.copy_(t(ours.norm_h.weight[...]))  # query (hidden) norm
+        if ecfg.conv:
+            ref.short_conv.norms[0].weight.copy_(t(ours.conv_norm.weight[...]))
+            # ours [W, D], tap j at t - (W-1-j)*dilation  ==  torch Conv1d weight [D, 1, W]
+            ref.short_conv.conv.weight.copy_(t(ours.conv_w[...]).T.unsqueeze(1))
+
+    hasher = NgramHasher(VOCAB, ecfg.table_sizes, ecfg.max_ngram, ecfg.heads_per_ngram,
+                         ecfg.layer_ids, pad_id=PAD_ID, seed=seed)
+    rng_in = np.random.default_rng(seed + 2)
+    B, T = case["B"], case["T"]
+    tokens = rng_in.integers(0, VOCAB, size=(B, T), dtype=np.int64)
+    hidden = rng_in.standard_normal((B, T, D)).astype(np.float32)
+
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+
+    def apply(params, h, ids):
+        return nnx.merge(graphdef, params, rest)(h, ids)
+
+    return SimpleNamespace(case=case, ecfg=ecfg, lid=lid, ours=ours, ref=ref, hasher=hasher,
+                           tokens=tokens, hidden=hidden, params=params, apply=apply,
+                           fwd=jax.jit(apply))
+
+
+def _run_ours(s: SimpleNamespace, hidden: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return np.asarray(s.fwd(s.params, jnp.asarray(hidden), jnp.asarray(ids, dtype=jnp.int32)))
+
+
+def _run_ref(ref: TorchEngram, hidden: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = ref(torch.from_numpy(hidden).unsqueeze(2), torch.from_numpy(ids))
+    assert out.shape[2] == 1
+    return out[:, :, 0, :].numpy()
+
+
+def _assert_close_scaled(actual, expected, name):
+    """|a - e| <= GRAD_ATOL * max|e| + GRAD_RTOL * |e|, elementwise."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, name
+    scale = float(np.max(np.abs(expected)))
+    assert scale > 0, f"{name}: reference gradient is identically zero"
+    np.testing.assert_allclose(actual, expected, rtol=GRAD_RTOL, atol=GRAD_ATOL * scale,
+                               err_msg=name)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+def test_forward_matches_torch_reference(name):
+    s = _setup(name)
+    case, ecfg, ref = s.case, s.ecfg, s.ref
+    # same table layout: per-head offsets are prefix sums of the order-major primes
+    offsets = ref.multi_head_embedding.offsets.numpy()
+    np.testing.assert_array_equal(offsets, np.asarray(s.ours.offsets))
+    np.testing.assert_array_equal(offsets, s.hasher.offsets(s.lid))
+    assert ref.multi_head_embedding.embedding.num_embeddings == s.ours.table[...].shape[0]
+
+    ids = s.hasher(s.tokens)[s.lid]
+    assert ids.shape == (case["B"], case["T"], ecfg.n_heads)
+    y_ours = _run_ours(s, s.hidden, ids)
+    y_ref = _run_ref(ref, s.hidden, ids)
+    assert y_ours.shape == y_ref.shape == (case["B"], case["T"], case["D"])
+    assert np.all(np.isfinite(y_ref))
+    np.testing.assert_allclose(y_ours, y_ref, rtol=RTOL, atol=ATOL)
+
+    if ecfg.conv:  # the conv branch is live (non-zero taps), so the comparison exercises it
+        ref.use_conv = False
+        try:
+            y_noconv = _run_ref(ref, s.hidden, ids)
+        finally:
+            ref.use_conv = True
+        assert np.max(np.abs(y_ref - y_noconv)) > 1e-2
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+def test_gradients_match_torch_reference(name):
+    s = _setup(name)
+    ecfg, ref = s.ecfg, s.ref
+    ids = s.hasher(s.tokens)[s.lid]
+    probe = np.random.default_rng(7).standard_normal(s.hidden.shape).astype(np.float32)
+
+    # torch autograd
+    ref.zero_grad(set_to_none=True)
+    h_t = torch.from_numpy(s.hidden.copy()).unsqueeze(2).requires_grad_(True)
+    loss_t = (ref(h_t, torch.from_numpy(ids))[:, :, 0, :] * torch.from_numpy(probe)).sum()
+    loss_t.backward()
+
+    # jax.grad through the nnx.split / nnx.merge functional call
+    def loss_fn(params, h):
+        return jnp.sum(s.apply(params, h, jnp.asarray(ids, dtype=jnp.int32)) * jnp.asarray(probe))
+
+    loss_j, (g_params, g_h) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(
+        s.params, jnp.asarray(s.hidden))
+    np.testing.assert_allclose(float(loss_j), loss_t.item(), rtol=RTOL,
+                               atol=ATOL * float(np.abs(probe).sum()))
+
+    g = nnx.to_pure_dict(g_params)
+    if ecfg.gate:
+        _assert_close_scaled(g_h, h_t.grad[:, :, 0, :].numpy(), "d/d hidden")
+    else:  # without the gate the hidden state does not enter Y
+        assert h_t.grad is None
+        assert not np.any(np.asarray(g_h))
+
+    emb = ref.multi_head_embedding.embedding.weight.grad.numpy()
+    _assert_close_scaled(g["table"], emb, "d/d table")
+    # rows that no token looked up get exactly zero gradient in both
+    untouched = np.abs(emb).sum(-1) == 0
+    assert 0 < np.count_nonzero(~untouched) < emb.shape[0]
+    assert not np.any(np.asarray(g["table"])[untouched])
+
+    _assert_close_scaled(g["w_v"], ref.value_proj.weight.grad.numpy().T, "d/d w_v")
+    _assert_close_scaled(g["b_v"], ref.value_proj.bias.grad.numpy(), "d/d b_v")
+    if ecfg.gate:
+        _assert_close_scaled(g["w_k"], ref.key_projs[0].weight.grad.numpy().T, "d/d w_k")
+        _assert_close_scaled(g["b_k"], ref.key_projs[0].bias.grad.numpy(), "d/d b_k")
+        _assert_close_scaled(g["norm_k"]["weight"], ref.norm1[0].weight.grad.numpy(), "d/d norm_k")
+        _assert_close_scaled(g["norm_h"]["weight"], ref.norm2[0].weight.grad.numpy(), "d/d norm_h")
+    if ecfg.conv:
+        _assert_close_scaled(g["conv_norm"]["weight"],
+                             ref.short_conv.norms[0].weight.grad.numpy(), "d/d conv_norm")
+        _assert_close_scaled(g["conv_w"], ref.short_conv.conv.weight.grad.numpy()[:, 0, :].T,
+                             "d/d conv_w")
+
+
+@pytest.mark.parametrize("name", ["n2_h1", "n3_h4"])
+def test_causality_of_both(name):
+    s = _setup(name)
+    ids = s.hasher(s.tokens)[s.lid]
+    y_ours = _run_ours(s, s.hidden, ids)
+    y_ref = _run_ref(s.ref, s.hidden, ids)
+    rng = np.random.default_rng(0)
+    T = s.case["T"]
+    for t0 in (0, T // 3, T - 1):
+        tok2 = s.tokens.copy()
+        tok2[:, t0] = (tok2[:, t0] + rng.integers(1, VOCAB, size=tok2.shape[0])) % VOCAB
+        hid2 = s.hidden.copy()
+        hid2[:, t0] += rng.standard_normal(hid2[:, t0].shape).astype(np.float32)
+        ids2 = s.hasher(tok2)[s.lid]
+        # hashing is causal: ids before t0 are unchanged, the ids at t0 change
+        np.testing.assert_array_equal(ids2[:, :t0], ids[:, :t0])
+        assert np.any(ids2[:, t0] != ids[:, t0])
+        for changed_ids, changed_hidden in ((ids2, s.hidden), (ids, hid2), (ids2, hid2)):
+            z_ours = _run_ours(s, changed_hidden, changed_ids)
+            z_ref = _run_ref(s.ref, changed_hidden, changed_ids)
+            # the two frameworks agree on the perturbed inputs too
+            np.testing.assert_allclose(z_ours, z_ref, rtol=RTOL, atol=ATOL)
+            # nothing before t0 moves, in either framework (exactly: same ops on the same values)
+            np.testing.assert_array_equal(z_ours[:, :t0], y_ours[:, :t0])
+            np.testing.assert_array_equal(z_ref[:, :t0], y_ref[:, :t0])
+            # and the output at t0 does move
+            assert np.max(np.abs(z_ours[:, t0] - y_ours[:, t0])) > 1e-4
+            assert np.max(np.abs(z_ref[:, t0] - y_ref[:, t0])) > 1e-4
