@@ -1,0 +1,150 @@
+"""Timing, peaks and result rows shared by the benchmark parts."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+# bf16 dense matmul peak measured with JAX on the H100 (8192^3, median of repeats).
+H100_BF16_PEAK_FLOPS = 664e12
+COLUMNS = ("name", "config", "value", "unit", "target", "ratio", "status", "device", "backend",
+           "jax_version", "git_commit", "date")
+
+
+def device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def device_slug() -> str:
+    """File-name form of the device kind, e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu``."""
+    return re.sub(r"[^a-z0-9]+", "-", device_kind().lower()).strip("-") or "unknown"
+
+
+def timeit(fn: Callable[[], object], *, repeats: int, warmup: int = 1, inner: int = 1) -> float:
+    """Median seconds of one call of ``fn`` (which returns jax values) over ``repeats`` samples.
+
+    Each sample runs ``inner`` calls back to back and blocks on the last result, so dispatch
+    overlaps compute as it does in a training loop; warm-up calls (compilation) are not timed.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(inner):
+            out = fn()
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def matmul_peak(n: int, dtype, repeats: int = 5) -> float:
+    """Achieved FLOP/s of an n^3 matmul (random inputs passed as jit arguments)."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), dtype)
+    b = jax.random.normal(kb, (n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    return 2.0 * n**3 / timeit(lambda: f(a, b), repeats=repeats, warmup=2)
+
+
+@dataclass
+class Peak:
+    """The FLOP/s that MFU and achieved/peak ratios are taken against, and where it came from."""
+
+    flops: float
+    label: str
+
+
+def reference_peak(dtype: str, *, cpu_matmul_n: int) -> Peak:
+    """GPU: the measured H100 bf16 peak (only valid on an H100); CPU: an f32 matmul measured now."""
+    kind = device_kind().lower()
+    if jax.default_backend() == "gpu" and "h100" in kind and dtype == "bfloat16":
+        return Peak(H100_BF16_PEAK_FLOPS, "H100 bf16 matmul 664 TFLOP/s (measured, gpu README)")
+    if jax.default_backend() == "cpu":
+        f = matmul_peak(cpu_matmul_n, jnp.float32)
+        return Peak(f, f"this CPU's f32 matmul {cpu_matmul_n}^3 measured in this run")
+    f = matmul_peak(8192, jnp.dtype(dtype))
+    return Peak(f, f"{dtype} matmul 8192^3 measured in this run on {device_kind()}")
+
+
+@dataclass
+class Row:
+    name: str
+    config: str
+    value: float
+    unit: str
+    target: str = ""
+    ratio: float = math.nan
+    status: str = "n/a"
+
+
+def check(value: float, op: str, bound: float) -> str:
+    """pass/fail of ``value op bound`` (op is "<=" or ">="); n/a for non-finite values."""
+    if not math.isfinite(value):
+        return "n/a"
+    ok = value <= bound if op == "<=" else value >= bound
+    return "pass" if ok else "fail"
+
+
+def target_row(name: str, config: str, ratio: float, op: str, bound: float, *, value=None,
+               unit: str = "ratio") -> Row:
+    """A row whose ``ratio`` is held to the target ``op bound``."""
+    return Row(name, config, ratio if value is None else value, unit, f"{op} {bound:g}", ratio,
+               check(ratio, op, bound))
+
+
+@dataclass
+class Results:
+    """Rows of one run plus the context columns every row carries."""
+
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *rows: Row) -> None:
+        self.rows.extend(rows)
+
+    def write(self, out_dir: Path, git_commit: str) -> Path:
+        """Merge into ``out_dir/<device-slug>.csv``: rows of this run replace same (name, config)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{device_slug()}.csv"
+        ctx = {"device": device_kind(), "backend": jax.default_backend(),
+               "jax_version": jax.__version__, "git_commit": git_commit,
+               "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        new = [{"name": r.name, "config": r.config, "value": _fmt(r.value), "unit": r.unit,
+                "target": r.target, "ratio": _fmt(r.ratio), "status": r.status, **ctx}
+               for r in self.rows]
+        keys = {(r["name"], r["config"]) for r in new}
+        old = []
+        if path.exists():
+            with path.open() as f:
+                old = [r for r in csv.DictReader(f) if (r["name"], r["config"]) not in keys]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(old + new)
+        return path
+
+    def table(self) -> str:
+        lines = [f"{'name':<34} {'config':<22} {'value':>12} {'unit':<10} {'target':<8} "
+                 f"{'ratio':>8} status"]
+        for r in self.rows:
+            lines.append(f"{r.name:<34} {r.config:<22} {_fmt(r.value):>12} {r.unit:<10} "
+                         f"{r.target:<8} {_fmt(r.ratio):>8} {r.status}")
+        return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    return f"{x:.4g}"

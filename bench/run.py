@@ -1,0 +1,135 @@
+"""``make bench``: step time, tokens/s, MFU and a per-part breakdown of the sweep presets.
+
+For each preset of the chosen size, at rho = 1.0 (pure MoE) and rho = 0.8 (an iso-parameter
+hybrid from ``allocation.allocate``, same active FLOPs), it measures the train step, attention,
+the MoE layer vs a dense FFN with the same useful FLOPs, the Engram gather/scatter vs plain
+take / scatter-add ceilings, the host input pipeline and the real pipeline vs a device-resident
+batch; ``--only offload`` compares host-offloaded Engram tables with device-resident ones.
+
+Sizes: ``full`` = the GPU presets gpu-s and gpu-m at their budgets' batch sizes (default on a GPU);
+``small`` = cpu-small (default on the CPU, a few minutes on 2 cores); ``tiny`` = smoke (tests).
+Writes ``<out>/<device-kind-slug>.csv`` (rows of this run replace rows with the same name and
+config) and prints a table last. MFU is against the H100's measured bf16 peak on an H100 and
+against an f32 matmul measured in the same run on a CPU (the table's header says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from pathlib import Path
+
+import jax
+
+from bench.common import Results, Row, reference_peak, target_row
+from bench.parts import Timing, attention_rows, engram_rows, moe_rows, pipeline_rows, train_rows
+from engram_jax.allocation import BUDGETS, allocate
+from engram_jax.config import TrainConfig, preset
+
+PARTS = ("train", "attention", "moe", "engram", "pipeline", "offload")
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    presets: tuple[str, ...]
+    batch_size: int | None  # None: the budget's batch size
+    repeats: int
+    inner: int
+    cpu_matmul_n: int
+    corpus: str | None  # None: the budget's corpus
+    offload_steps: int
+    offload_max_doublings: int
+
+
+SIZES = {
+    "full": Size(("gpu-s", "gpu-m"), None, 10, 5, 4096, None, 20, 8),
+    "small": Size(("cpu-small",), 8, 3, 2, 1024, "pystdlib", 4, 3),
+    "tiny": Size(("smoke",), 2, 2, 1, 256, "pystdlib", 2, 1),
+}
+
+
+def configs(name: str, size: Size, dtype: str):
+    """(tag, model config, train config, corpus) at rho = 1.0 and rho = 0.8."""
+    budget = BUDGETS[name]
+    base = dataclasses.replace(preset(name), dtype=dtype)
+    B = size.batch_size or budget.batch_size
+    tcfg = TrainConfig(**{**budget.train_overrides(), "batch_size": B, "steps": 1000})
+    corpus = size.corpus or budget.corpus
+    for rho in (1.0, 0.8):
+        yield f"{name}@rho={rho}", allocate(base, rho), tcfg, corpus
+
+
+def run(size_name: str, only: str | None, out: Path | None, corpus: str | None = None) -> Results:
+    from engram_jax import data as data_lib
+    from engram_jax.train import _git_commit
+
+    size = SIZES[size_name]
+    if corpus is not None:
+        size = dataclasses.replace(size, corpus=corpus)
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    peak = reference_peak(dtype, cpu_matmul_n=size.cpu_matmul_n)
+    res = Results()
+    res.notes.append(f"peak for MFU and achieved/peak: {peak.label} = {peak.flops / 1e12:.4g} "
+                     "TFLOP/s")
+    res.add(Row("reference_peak_tflops", "-", peak.flops / 1e12, "TFLOP/s"))
+    t = Timing(size.repeats, size.inner)
+    want = (lambda p: p == only) if only else (lambda p: p != "offload")
+    for name in size.presets:
+        tps = {}
+        for tag, cfg, tcfg, corp in configs(name, size, dtype):
+            data = data_lib.prepare(corp, cfg.vocab_size, progress=False)
+            hash_fn = data_lib.make_hash_fn(cfg.engram, data, cfg.vocab_size) if cfg.engram else None
+            it_factory = functools.partial(
+                data_lib.BatchIterator, data.train_tokens, batch_size=tcfg.batch_size,
+                seq_len=cfg.seq_len, seed=0, hash_fn=hash_fn)
+            B = tcfg.batch_size
+            hybrid = cfg.engram is not None
+            if want("train") or want("pipeline"):
+                rows, tps[tag] = train_rows(cfg, tcfg, it_factory, peak, t, tag)
+                if want("train"):
+                    res.add(*rows)
+                if want("pipeline"):
+                    res.add(*pipeline_rows(it_factory, cfg, B, tps[tag], t, tag))
+            if want("attention") and not hybrid:  # attention is the same in both configs
+                res.add(*attention_rows(cfg, B, peak, t, name))
+            if want("moe") and not hybrid:
+                res.add(*moe_rows(cfg, B, peak, t, tag))
+            if want("engram") and hybrid:
+                ids = it_factory(prefetch=0).batch_at(0)["hash_ids"][cfg.engram.layer_ids[0]]
+                res.add(*engram_rows(cfg, ids, t, tag))
+            if want("offload") and hybrid:
+                from bench.offload import offload_rows
+
+                res.add(*offload_rows(cfg, tcfg, it_factory, t, tag, steps=size.offload_steps,
+                                      max_doublings=size.offload_max_doublings))
+        if len(tps) == 2:
+            moe_tps, hyb_tps = tps.values()
+            res.add(target_row("hybrid_over_moe_tokens_per_s", name, hyb_tps / moe_tps, ">=", 0.97))
+    if out is not None:
+        path = res.write(out, _git_commit())
+        res.notes.append(f"wrote {path}")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/bench", help="directory of the CSV")
+    ap.add_argument("--size", choices=sorted(SIZES),
+                    help="default: full on a GPU/TPU, small on the CPU")
+    ap.add_argument("--only", choices=PARTS, help="run one part (offload runs only when named)")
+    ap.add_argument("--corpus", help="override the size's corpus (pystdlib | pysrc | a path)")
+    a = ap.parse_args(argv)
+    size = a.size or ("small" if jax.default_backend() == "cpu" else "full")
+    res = run(size, a.only, Path(a.out), a.corpus)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), size {size}")
+    for n in res.notes:
+        print(n)
+    print(res.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
