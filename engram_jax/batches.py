@@ -39,9 +39,10 @@ def _gather(tokens: np.ndarray, starts_B: np.ndarray, seq_len: int, hash_fn: Has
     return {"tokens": tokens_BxT1, "hash_ids": hash_ids}
 
 
-def _train_batch(tokens, batch_size, seq_len, seed, hash_fn, step: int) -> dict:
+def _train_batch(tokens, batch_size, seq_len, seed, hash_fn, step: int, post_fn=None) -> dict:
     starts_B = window_starts(len(tokens), batch_size, seq_len, seed, step)
-    return _gather(tokens, starts_B, seq_len, hash_fn)
+    batch = _gather(tokens, starts_B, seq_len, hash_fn)
+    return batch if post_fn is None else post_fn(batch)
 
 
 class _Failure:
@@ -93,6 +94,8 @@ class BatchIterator:
       hash_fn: ids [B, T] -> {layer_id: int32 [B, T, G]} (see ``data.make_hash_fn``); None: ``{}``.
       start_step: step of the first batch.
       prefetch: ready batches kept in the queue; 0 computes each batch in ``__next__``.
+      post_fn: batch -> batch, run after hashing in the same (background) thread; offloaded
+        Engram tables use it to gather the batch's rows ahead (``offload.HostTables.prefetch``).
 
     Yields:
       ``{"tokens": int32 [B, T+1], "hash_ids": {layer_id: int32 [B, T, G]}}``. ``self.step`` is the
@@ -110,6 +113,7 @@ class BatchIterator:
         hash_fn: HashFn | None = None,
         start_step: int = 0,
         prefetch: int = 4,
+        post_fn: Callable[[dict], dict] | None = None,
     ):
         _check_length(len(tokens), seq_len, "training")
         if batch_size < 1 or prefetch < 0 or start_step < 0:
@@ -119,13 +123,15 @@ class BatchIterator:
         self.seq_len = seq_len
         self.seed = seed
         self.hash_fn = hash_fn
+        self.post_fn = post_fn
         self.step = start_step
         self._closed = False
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
         self._thread: threading.Thread | None = None
         if prefetch > 0:
-            make_batch = functools.partial(_train_batch, tokens, batch_size, seq_len, seed, hash_fn)
+            make_batch = functools.partial(_train_batch, tokens, batch_size, seq_len, seed, hash_fn,
+                                           post_fn=post_fn)
             self._thread = threading.Thread(
                 target=_produce, args=(make_batch, start_step, self._queue, self._stop),
                 name="batch-prefetch", daemon=True,
@@ -135,7 +141,8 @@ class BatchIterator:
     def batch_at(self, step: int) -> dict:
         """The batch of one step (pure: same step, same batch)."""
         return _train_batch(
-            self.tokens, self.batch_size, self.seq_len, self.seed, self.hash_fn, step
+            self.tokens, self.batch_size, self.seq_len, self.seed, self.hash_fn, step,
+            post_fn=self.post_fn,
         )
 
     def __iter__(self) -> BatchIterator:

@@ -44,7 +44,9 @@ def schedule(tcfg: TrainConfig, peak: float) -> optax.Schedule:
     )
 
 
-def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(tcfg: TrainConfig, *, clip: bool = True) -> optax.GradientTransformation:
+    """AdamW groups, chained after a global-norm clip unless ``clip`` is False (offloaded Engram
+    tables: the step clips by a norm that includes the host tables' gradients)."""
     def adamw(peak: float, wd: float):
         return optax.adamw(schedule(tcfg, peak), b1=tcfg.b1, b2=tcfg.b2, weight_decay=wd)
 
@@ -56,7 +58,7 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
         },
         param_labels,
     )
-    if tcfg.grad_clip > 0:
+    if tcfg.grad_clip > 0 and clip:
         return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), groups)
     return groups
 
@@ -106,4 +108,56 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
     def eval_step(state: TrainState, batch):
         return loss_fn(state.params, state.rest, batch)[1][0]
 
+    if cfg.engram is not None and cfg.engram.offload:
+        train_step = _offload_train_step(loss_fn, graphdef, cfg, tcfg, tx)
     return jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step)
+
+
+def _offload_train_step(loss_fn, graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx):
+    """The train step for host-offloaded Engram tables (engram_jax/offload.py).
+
+    ``batch["memory"]`` is differentiated like a parameter; the global-norm clip counts the tables'
+    aggregated row gradients (``offload.table_grad_sqnorm``) and is applied here, so ``tx`` must
+    come from ``make_optimizer(tcfg, clip=False)``. ``metrics["memory_grad"]`` holds the clipped
+    d loss / d memory {layer_id: [B, T, M]} for ``HostTables.apply``.
+    """
+    import numpy as np
+
+    from engram_jax.offload import table_grad_sqnorm
+
+    moe, e = cfg.moe, cfg.engram
+    offsets = {lid: np.concatenate([[0], np.cumsum([p for o in per for p in o])[:-1]]).astype(np.int32)
+               for lid, per in e.primes().items()}
+
+    def train_step(state: TrainState, batch):
+        def loss_mem(params, memory):
+            return loss_fn(params, state.rest, {**batch, "memory": memory})
+
+        (loss, (ce, aux)), (grads, g_mem) = jax.value_and_grad(loss_mem, argnums=(0, 1), has_aux=True)(
+            state.params, batch["memory"])
+        sq = jnp.sum(jnp.stack([jnp.sum(jnp.square(x)) for x in jax.tree.leaves(grads)]))
+        for lid, g in g_mem.items():
+            rows_N = (batch["hash_ids"][lid] + offsets[lid]).reshape(-1)
+            sq = sq + table_grad_sqnorm(rows_N, g.reshape(rows_N.shape[0], e.d_head))
+        g_norm = jnp.sqrt(sq)
+        if tcfg.grad_clip > 0:
+            trigger = g_norm < tcfg.grad_clip
+            clip = lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * tcfg.grad_clip)  # noqa: E731
+            grads, g_mem = jax.tree.map(clip, grads), jax.tree.map(clip, g_mem)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rest = state.rest
+        if moe is not None and moe.balance == "bias":
+            model = nnx.merge(graphdef, params, rest)
+            moe_blocks = [b for b in model.blocks if b.moe is not None]
+            for i, blk in enumerate(moe_blocks):
+                blk.moe.router_bias[...] = updated_bias(blk.moe.router_bias[...], aux["load"][i],
+                                                        moe.bias_rate)
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+        metrics = {"loss": ce, "total_loss": loss, "grad_norm": g_norm, "memory_grad": g_mem}
+        if moe is not None:
+            load = aux["load"]
+            metrics["max_load"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
+        return TrainState(params, opt_state, rest, state.step + 1), metrics
+
+    return train_step

@@ -41,7 +41,14 @@ class Engram(nnx.Module):
         rows = int(sizes.sum())
         self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
         std = engram.table_init_std if engram.table_init_std is not None else engram.d_head**-0.5
-        self.table = normal(rngs, (rows, engram.d_head), std)
+        if engram.offload:
+            # The table lives in host memory (offload.HostTables), drawn there from this key; the
+            # key is taken here so every other parameter gets the same value as without offload.
+            key = rngs.params()
+            self.table_key = tuple(int(x) for x in np.asarray(jax.random.key_data(key)).ravel())
+            self.rows, self.table_std = rows, float(std)
+        else:
+            self.table = normal(rngs, (rows, engram.d_head), std)
         M = engram.d_mem
         self.w_v = normal(rngs, (M, d_model), M**-0.5)
         self.b_v = nnx.Param(jnp.zeros((d_model,), jnp.float32))
@@ -58,6 +65,9 @@ class Engram(nnx.Module):
 
     def lookup(self, hash_ids_BxTxG: jax.Array) -> jax.Array:
         """Memory vectors e [B, T, M] for hash ids [B, T, G] (ids within each head's sub-table)."""
+        if self.cfg.offload:
+            raise ValueError("this Engram's table is offloaded to the host: pass the memory "
+                             "vectors (offload.HostTables.gather) instead of looking them up")
         rows_BxTxG = hash_ids_BxTxG + jnp.asarray(self.offsets, dtype=hash_ids_BxTxG.dtype)
         e_BxTxGxH = jnp.take(self.table[...], rows_BxTxG, axis=0)
         B, T = hash_ids_BxTxG.shape[:2]
