@@ -107,12 +107,20 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
     hash_fn = data_lib.make_hash_fn(cfg.engram, data, cfg.vocab_size) if cfg.engram else None
 
     model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed))
+    store = None
+    if cfg.engram is not None and cfg.engram.offload:
+        from engram_jax.offload import HostTables
+
+        store = HostTables(model, tcfg)  # tables + their Adam state in host memory
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
-    tx = make_optimizer(tcfg)
+    tx = make_optimizer(tcfg, clip=store is None)
     state = TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))
     ckpt = Checkpointer(out / "ckpt")
     state, start = ckpt.restore_latest(state)
+    if store is not None and start > 0:
+        raise ValueError(f"{out} holds a checkpoint, but checkpoints do not hold host-offloaded "
+                         "Engram tables: resuming with engram.offload is not supported")
     train_step, eval_step = make_steps(graphdef, cfg, tcfg, tx)
 
     T, B = cfg.seq_len, tcfg.batch_size
@@ -121,6 +129,9 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
     val = [jax.device_put(b) for b in val]
 
     def evaluate(st) -> float:
+        if store is not None:  # the current host rows, gathered now
+            return float(np.mean([float(eval_step(st, {**b, "memory": store.gather(
+                store.rows(b["hash_ids"]))})) for b in val]))
         return float(np.mean([float(eval_step(st, b)) for b in val]))
 
     metrics_path = out / "metrics.jsonl"
@@ -137,7 +148,8 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
             f.write(json.dumps(rows[-1]) + "\n")
 
     batches = data_lib.BatchIterator(data.train_tokens, batch_size=B, seq_len=T, seed=tcfg.seed,
-                                     hash_fn=hash_fn, start_step=start, prefetch=tcfg.prefetch)
+                                     hash_fn=hash_fn, start_step=start, prefetch=tcfg.prefetch,
+                                     post_fn=store.prefetch if store is not None else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -174,7 +186,12 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
             batch = next(batches)
             if t_mark is None and step > start + 1:
                 t_mark = time.perf_counter()  # skip the compiling first step
-            state, m = train_step(state, batch)
+            if store is None:
+                state, m = train_step(state, batch)
+            else:
+                rows = store.refresh(batch)
+                state, m = train_step(state, batch)
+                store.apply(rows, m.pop("memory_grad"))
             if pending is not None and pending[0] % tcfg.log_every == 0:
                 flush(pending[0], pending[1], None)
             pending = (step, m)
