@@ -102,7 +102,13 @@ def run(size_name: str, only: str | None, out: Path | None, corpus: str | None =
             if want("offload") and hybrid:
                 from bench.offload import offload_rows
 
-                res.add(*offload_rows(cfg, tcfg, it_factory, t, tag, steps=size.offload_steps,
+                def make_it(c, *, prefetch, post_fn, data=data, tcfg=tcfg):
+                    return data_lib.BatchIterator(
+                        data.train_tokens, batch_size=tcfg.batch_size, seq_len=c.seq_len, seed=0,
+                        hash_fn=data_lib.make_hash_fn(c.engram, data, c.vocab_size),
+                        prefetch=prefetch, post_fn=post_fn)
+
+                res.add(*offload_rows(cfg, tcfg, make_it, tag, steps=size.offload_steps,
                                       max_doublings=size.offload_max_doublings))
         if len(tps) == 2:
             moe_tps, hyb_tps = tps.values()
