@@ -89,21 +89,7 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
     def train_step(state: TrainState, batch):
         (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.rest, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        rest = state.rest
-        if moe is not None and moe.balance == "bias":
-            model = nnx.merge(graphdef, params, rest)
-            moe_blocks = [b for b in model.blocks if b.moe is not None]
-            for i, blk in enumerate(moe_blocks):
-                blk.moe.router_bias[...] = updated_bias(blk.moe.router_bias[...], aux["load"][i],
-                                                        moe.bias_rate)
-            _, _, rest = nnx.split(model, nnx.Param, ...)
-        metrics = {"loss": ce, "total_loss": loss, "grad_norm": optax.tree.norm(grads)}
-        if moe is not None:
-            load = aux["load"]
-            metrics["max_load"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
-        return TrainState(params, opt_state, rest, state.step + 1), metrics
+        return _finish_step(graphdef, cfg, tx, state, grads, ce, loss, aux, optax.tree.norm(grads))
 
     def eval_step(state: TrainState, batch):
         return loss_fn(state.params, state.rest, batch)[1][0]
@@ -125,7 +111,7 @@ def _offload_train_step(loss_fn, graphdef, cfg: ModelConfig, tcfg: TrainConfig, 
 
     from engram_jax.offload import table_grad_sqnorm
 
-    moe, e = cfg.moe, cfg.engram
+    e = cfg.engram
     offsets = {lid: np.concatenate([[0], np.cumsum([p for o in per for p in o])[:-1]]).astype(np.int32)
                for lid, per in e.primes().items()}
 
@@ -144,20 +130,27 @@ def _offload_train_step(loss_fn, graphdef, cfg: ModelConfig, tcfg: TrainConfig, 
             trigger = g_norm < tcfg.grad_clip
             clip = lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * tcfg.grad_clip)  # noqa: E731
             grads, g_mem = jax.tree.map(clip, grads), jax.tree.map(clip, g_mem)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        rest = state.rest
-        if moe is not None and moe.balance == "bias":
-            model = nnx.merge(graphdef, params, rest)
-            moe_blocks = [b for b in model.blocks if b.moe is not None]
-            for i, blk in enumerate(moe_blocks):
-                blk.moe.router_bias[...] = updated_bias(blk.moe.router_bias[...], aux["load"][i],
-                                                        moe.bias_rate)
-            _, _, rest = nnx.split(model, nnx.Param, ...)
-        metrics = {"loss": ce, "total_loss": loss, "grad_norm": g_norm, "memory_grad": g_mem}
-        if moe is not None:
-            load = aux["load"]
-            metrics["max_load"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
-        return TrainState(params, opt_state, rest, state.step + 1), metrics
+        state, metrics = _finish_step(graphdef, cfg, tx, state, grads, ce, loss, aux, g_norm)
+        return state, {**metrics, "memory_grad": g_mem}
 
     return train_step
+
+
+def _finish_step(graphdef, cfg: ModelConfig, tx, state: TrainState, grads, ce, loss, aux, g_norm):
+    """Optimizer update, routing-bias update (outside the gradient) and step metrics."""
+    moe = cfg.moe
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rest = state.rest
+    if moe is not None and moe.balance == "bias":
+        model = nnx.merge(graphdef, params, rest)
+        moe_blocks = [b for b in model.blocks if b.moe is not None]
+        for i, blk in enumerate(moe_blocks):
+            blk.moe.router_bias[...] = updated_bias(blk.moe.router_bias[...], aux["load"][i],
+                                                    moe.bias_rate)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+    metrics = {"loss": ce, "total_loss": loss, "grad_norm": g_norm}
+    if moe is not None:
+        load = aux["load"]
+        metrics["max_load"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
+    return TrainState(params, opt_state, rest, state.step + 1), metrics
