@@ -73,7 +73,7 @@ def run(size_name: str, only: str | None, out: Path | None, corpus: str | None =
     res = Results()
     res.notes.append(f"peak for MFU and achieved/peak: {peak.label} = {peak.flops / 1e12:.4g} "
                      "TFLOP/s")
-    res.add(Row("reference_peak_tflops", "-", peak.flops / 1e12, "TFLOP/s"))
+    res.add(Row("reference_peak_tflops", f"run:{only or 'all'}", peak.flops / 1e12, "TFLOP/s"))
     t = Timing(size.repeats, size.inner)
     want = (lambda p: p == only) if only else (lambda p: p != "offload")
     for name in size.presets:
