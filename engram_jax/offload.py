@@ -82,6 +82,38 @@ class HostTables:
         return int(sum(a.nbytes for d in (self.tables, self.m, self.v, self.last_update)
                        for a in d.values()))
 
+    def save(self, directory, step: int) -> None:
+        """Write tables, moments and version stamps for ``step`` (atomically; keeps the latest)."""
+        import os
+        from pathlib import Path
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        arrays = {"version": np.asarray(self.version)}
+        for name in ("tables", "m", "v", "last_update"):
+            arrays.update({f"{name}/{lid}": a for lid, a in getattr(self, name).items()})
+        tmp = d / f".{step}.npz.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, d / f"{step}.npz")
+        for old in d.glob("*.npz"):
+            if old.stem != str(step):
+                old.unlink()
+
+    def restore(self, directory, step: int) -> None:
+        """Load the state saved for ``step``; a missing file is an error (the run cannot resume)."""
+        from pathlib import Path
+
+        path = Path(directory) / f"{step}.npz"
+        if not path.exists():
+            raise ValueError(f"{path} is missing: the host-offloaded Engram tables of the "
+                             f"checkpoint at step {step} were not saved; start a new run")
+        with np.load(path) as z:
+            for name in ("tables", "m", "v", "last_update"):
+                for lid in getattr(self, name):
+                    getattr(self, name)[lid] = np.array(z[f"{name}/{lid}"])
+            self.version = int(z["version"])
+
     def rows(self, hash_ids: dict) -> dict[int, np.ndarray]:
         """Flat row ids {layer_id: int64 [B, T, G]} from hash ids {layer_id: [B, T, G]}."""
         return {lid: np.asarray(hash_ids[lid], np.int64) + off for lid, off in self.offsets.items()}

@@ -119,8 +119,7 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
     ckpt = Checkpointer(out / "ckpt")
     state, start = ckpt.restore_latest(state)
     if store is not None and start > 0:
-        raise ValueError(f"{out} holds a checkpoint, but checkpoints do not hold host-offloaded "
-                         "Engram tables: resuming with engram.offload is not supported")
+        store.restore(out / "host_tables", start)
     train_step, eval_step = make_steps(graphdef, cfg, tcfg, tx)
 
     T, B = cfg.seq_len, tcfg.batch_size
@@ -206,6 +205,8 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
                 if v is not None:
                     best_val = min(best_val, v)
                 ckpt.save(step, state)  # before reporting: a report marks a resumable step
+                if store is not None:
+                    store.save(out / "host_tables", step)
                 flush(step, m, v)
                 pending = None
                 t_mark = time.perf_counter()

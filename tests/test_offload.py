@@ -202,3 +202,26 @@ def test_run_trial_with_offloaded_tables(tmp_path):
     tcfg = dataclasses.replace(TCFG, steps=6, eval_every=3, eval_batches=1, log_every=1)
     rec = run_trial(off, tcfg, out_dir=tmp_path / "run", progress=False)
     assert math.isfinite(rec["val_loss"]) and rec["params_total"] == off.param_counts()["total"]
+
+
+def test_offloaded_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """Host tables are checkpointed with the device state: an interrupted offloaded run resumes
+    to exactly the losses of an uninterrupted one."""
+    from engram_jax.train import run_trial
+
+    _, off = configs()
+    tcfg = dataclasses.replace(TCFG, steps=8, eval_every=4, eval_batches=1, log_every=2)
+    full = run_trial(off, tcfg, out_dir=tmp_path / "full", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_eval(m):
+        if m["step"] >= 4 and m.get("val_loss") is not None:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_trial(off, tcfg, out_dir=tmp_path / "cut", report=stop_after_first_eval, progress=False)
+    assert (tmp_path / "cut" / "host_tables" / "4.npz").exists()
+    resumed = run_trial(off, tcfg, out_dir=tmp_path / "cut", progress=False)
+    assert resumed["val_loss"] == full["val_loss"]
