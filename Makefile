@@ -43,7 +43,7 @@ contracts: $(STAMP)
 	$(VPY) ../shared/checks/contracts.py
 
 lint: $(STAMP)
-	$(VPY) -m ruff check . || true
+	$(VPY) -m ruff check .
 
 clean:
 	rm -rf .cache .pytest_cache
