@@ -258,6 +258,7 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
     """
     out = Path(results) / "figures" if out is None else Path(out)
     written: list[Path] = []
+    alloc: list[pd.DataFrame] = []
     for gdir in load.find_grids(results):
         runs = load.load_runs(gdir)
         if runs.empty:
@@ -272,4 +273,13 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
         fig = plot_curves(runs, load.load_curves(gdir))
         if fig is not None:
             written += save(fig, out, f"{name}_curves")
+        if not load.is_memory_grid(runs):
+            alloc.append(runs)
+    # A budget run in several grids (e.g. seed replicates in a grid of their own) also gets one
+    # figure with every seed pooled, which is the one to read for the optimum and its interval.
+    if alloc:
+        pooled = pd.concat(alloc, ignore_index=True)
+        for budget, d in pooled.groupby("budget"):
+            if d["grid"].nunique() > 1:
+                written += save(plot_allocation(d, n_boot=n_boot), out, f"{budget}_allocation_pooled")
     return written

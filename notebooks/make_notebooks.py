@@ -80,9 +80,10 @@ alloc = [g for g in GRIDS if not load.is_memory_grid(load.load_runs(g))]
 if not alloc:
     print(f"No sparsity-allocation grid under {RESULTS} yet: run `make sweep`, then re-run this "
           "notebook.")
-for g in alloc:
-    runs = load.load_runs(g)
-    print(f"\\n{g.name}: {len(runs)} ok runs; {plots.describe(runs)}")
+else:
+    # All allocation grids pooled: the seeds of one budget may sit in several grids.
+    runs = load.load_runs(alloc)
+    print(f"{len(runs)} ok runs from {len(alloc)} grid(s); {plots.describe(runs)}")
     display(report.allocation_table(runs, n_boot=300))
     display(load.aggregate(runs, by=("budget", "rho")).round(4))'''),
         new_markdown_cell("""\
@@ -91,8 +92,7 @@ for g in alloc:
 Seeds are faint dots, means carry $\\pm$ one standard deviation over seeds, the red line is the
 parabola with its bootstrap band, the shaded column the interval for $\\rho^*$."""),
         new_code_cell('''\
-for g in alloc:
-    runs = load.load_runs(g)
+if alloc:
     show(plots.plot_allocation(runs, n_boot=300))'''),
         new_markdown_cell("""\
 ## Does the optimum move with compute?
@@ -100,12 +100,10 @@ for g in alloc:
 With two or more budgets, `fit_optimum_vs_compute` fits $\\rho^* = a + b\\log_{10} C$, weighting
 each budget by its interval width. The paper saw no shift between its two budgets."""),
         new_code_cell('''\
-for g in alloc:
-    runs = load.load_runs(g)
+if alloc:
     o = fit.fit_optimum_vs_compute(runs, n_boot=200)
     display(o["per_budget"])
-    print(f"{g.name}: " + (f"rho* = {o['a']:.3f} + {o['b']:.3f} log10(C)" if o["ok"]
-                          else o["reason"]))'''),
+    print(f"rho* = {o['a']:.3f} + {o['b']:.3f} log10(C)" if o["ok"] else o["reason"])'''),
         new_markdown_cell("""\
 ## Training curves
 

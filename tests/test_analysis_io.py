@@ -89,6 +89,9 @@ def test_make_all_writes_figures(results, tmp_path):
         _check_png(tmp_path / f"{stem}.png")
         assert (tmp_path / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
     assert "mono_curves.png" not in names  # that grid has no curves: skipped, not an error
+    # Budget "small" has runs in two grids (alloc, mono): one pooled figure; "medium" only in one.
+    assert "small_allocation_pooled.png" in names and "medium_allocation_pooled.png" not in names
+    _check_png(tmp_path / "small_allocation_pooled.png")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
