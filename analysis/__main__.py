@@ -53,6 +53,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(f"\n== {name}: no runs with status ok")
             continue
         _print_grid(runs, name, args.n_boot, args.level)
+    # Grids that share a budget (e.g. seed replicates run as a grid of their own) are also fitted
+    # pooled: that is the fit to read, with every seed of every rho.
+    if len(args.grids) > 1:
+        alloc = [r for r in (load.load_runs(p) for p in args.grids)
+                 if not r.empty and not load.is_memory_grid(r)]
+        if alloc:
+            pooled = pd.concat(alloc, ignore_index=True)
+            shared = [b for b, d in pooled.groupby("budget") if d["grid"].nunique() > 1]
+            if shared:
+                sel = pooled[pooled["budget"].isin(shared)]
+                _print_grid(sel, "pooled: " + ", ".join(sorted(sel["grid"].unique())),
+                            args.n_boot, args.level)
     return 0
 
 

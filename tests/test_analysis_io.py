@@ -107,6 +107,7 @@ def test_cli_fit(results):
     assert "rho*" in r.stdout and "rho* vs compute" in r.stdout
     assert "alpha =" in r.stdout
     assert "edge" in r.stdout  # the monotone grid is reported as such
+    assert "== pooled: alloc, mono" in r.stdout  # both hold budget "small": also fitted pooled
 
 
 def test_cli_plots(results, tmp_path):
