@@ -84,7 +84,7 @@ def engram_rows(cfg: ModelConfig, hash_ids_BxTxG: np.ndarray, t: Timing, tag: st
     the ratio is ceiling time / Engram time (1.0 = at the ceiling).
     """
     lid = cfg.engram.layer_ids[0]
-    eng = Engram(cfg.d_model, cfg.engram, lid, norm_eps=cfg.norm_eps, rngs=nnx.Rngs(0))
+    eng = Engram(cfg.d_model, cfg.engram, lid, rngs=nnx.Rngs(0))
     table = eng.table[...]
     R, H = table.shape
     ids = jnp.asarray(hash_ids_BxTxG)

@@ -144,7 +144,8 @@ class ModelConfig:
       engram: Engram part, or None for no Engram.
       hc_mult: residual branches (the paper's hyper-connections); only 1 is built.
       tie_embeddings: share the input embedding with the LM head.
-      rope_theta, norm_eps: RoPE base and RMSNorm epsilon.
+      rope_theta, norm_eps: RoPE base and the backbone RMSNorm epsilon (the Engram module's norms
+        use the public demo's constants, layers/engram.py).
       dtype: compute dtype ("float32" or "bfloat16"); parameters are always float32.
     """
 

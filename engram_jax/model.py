@@ -27,7 +27,7 @@ class Block(nnx.Module):
         self.layer_id = layer_id
         D = cfg.d_model
         has_engram = cfg.engram is not None and layer_id in cfg.engram.layer_ids
-        self.engram = (Engram(D, cfg.engram, layer_id, norm_eps=cfg.norm_eps, rngs=rngs)
+        self.engram = (Engram(D, cfg.engram, layer_id, rngs=rngs)
                        if has_engram else None)
         self.attn_norm = RMSNorm(D, eps=cfg.norm_eps)
         self.attn = Attention(D, cfg.n_heads, n_layers=cfg.n_layers, rope_theta=cfg.rope_theta,

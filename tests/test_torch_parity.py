@@ -11,19 +11,23 @@ weight copied into the reference, hash ids come from our ``NgramHasher``, and we
 - causality of both: changing the token (hence the hash ids) or the hidden state at t0 leaves the
   outputs before t0 bit-identical, and the two frameworks still agree on the changed inputs.
 
-Epsilons: every RMSNorm uses eps = NORM_EPS = 1e-6, the ``ModelConfig.norm_eps`` default that the
-model passes to ``Engram(..., norm_eps=cfg.norm_eps)`` (torch's ``nn.RMSNorm(dim, eps=1e-6)``
-computes the same x * rsqrt(mean(x^2) + eps) * weight). The signed-square-root floor is 1e-6 in
-both, as in the demo.
+Epsilons are the demo's own: ``ShortConv`` builds its RMSNorm with ``norm_eps=1e-5`` and the gate's
+key and query norms are ``nn.RMSNorm(hidden_size)`` with torch's default ``eps=None`` (the float32
+machine epsilon 2**-23 at run time). The restatement below builds them exactly so, and
+``test_norm_epsilons_are_the_demos`` checks our constants against it. The "tiny_scale" case feeds
+inputs whose mean square is comparable to those epsilons, so there a wrong eps (the backbone's 1e-6
+in any of the three norms) moves the output far outside the tolerances; at O(1) scale it would not.
+The signed-square-root floor is 1e-6 in both, as in the demo.
 
 Tolerances (float32 throughout, ``torch.set_default_dtype`` untouched, JAX x64 off):
 outputs RTOL = ATOL = 1e-5; gradients GRAD_RTOL = GRAD_ATOL = 1e-4 relative to the gradient's own
 scale (``_assert_close_scaled``), because the signed square root's derivative 1 / (2 sqrt|s|)
 amplifies float32 rounding of the gate logit for tokens with a small |s|. These are the float32
 bounds for summing a few hundred products in a different order; they are never widened per case.
-Measured on these cases: outputs differ by at most ~1.1e-6 (|Y| up to ~7), gradients by at most
-~1.7e-5 of their scale (w_k, through the signed square root), so both bounds keep a 6-10x margin
-while a wrong eps (1e-5 for 1e-6: ~7e-4) or reversed conv taps (~7) fail by orders of magnitude.
+Measured on these cases: outputs differ by at most ~2.9e-6 (|Y| up to ~9), gradients by at most
+~1.7e-5 of their scale (w_k, through the signed square root), so both bounds keep a 3-6x margin,
+while the backbone's 1e-6 in place of the demo's eps fails by far (conv norm: ~4e-4 on every
+case, ~13 on tiny_scale; gate norms: ~0.07 on tiny_scale) and so would reversed conv taps (~7).
 
 Conv taps, norm scales and biases are set to non-zero random values (the paper zero-initialises
 the taps and the norms start at 1, which would hide layout and dilation bugs).
@@ -50,7 +54,7 @@ from engram_jax.config import EngramConfig  # noqa: E402
 from engram_jax.hashing import NgramHasher  # noqa: E402
 from engram_jax.layers.engram import Engram  # noqa: E402
 
-NORM_EPS = 1e-6  # ModelConfig.norm_eps default: the eps of every RMSNorm in the module
+DEMO_CONV_NORM_EPS = 1e-5  # engram_demo_v1.ShortConv(norm_eps=1e-5)
 RTOL = 1e-5
 ATOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -112,8 +116,7 @@ class TorchEngram(nn.Module):
     """
 
     def __init__(self, d_model: int, primes_flat: list[int], d_head: int, max_ngram: int,
-                 kernel_size: int, norm_eps: float, hc_mult: int = 1, gate: bool = True,
-                 conv: bool = True):
+                 kernel_size: int, hc_mult: int = 1, gate: bool = True, conv: bool = True):
         super().__init__()
         assert hc_mult == 1
         self.hc_mult = hc_mult
@@ -121,12 +124,14 @@ class TorchEngram(nn.Module):
         self.use_gate, self.use_conv = gate, conv
         M = len(primes_flat) * d_head
         self.multi_head_embedding = MultiHeadEmbedding(primes_flat, d_head)
+        # the demo leaves norm_eps at ShortConv's default (1e-5) and the gate norms' eps at
+        # torch's default (None: finfo(float32).eps)
         self.short_conv = ShortConv(d_model, kernel_size=kernel_size, dilation=max_ngram,
-                                    norm_eps=norm_eps, hc_mult=hc_mult)
+                                    hc_mult=hc_mult)
         self.value_proj = nn.Linear(M, d_model)
         self.key_projs = nn.ModuleList([nn.Linear(M, d_model) for _ in range(hc_mult)])
-        self.norm1 = nn.ModuleList([nn.RMSNorm(d_model, eps=norm_eps) for _ in range(hc_mult)])
-        self.norm2 = nn.ModuleList([nn.RMSNorm(d_model, eps=norm_eps) for _ in range(hc_mult)])
+        self.norm1 = nn.ModuleList([nn.RMSNorm(d_model) for _ in range(hc_mult)])
+        self.norm2 = nn.ModuleList([nn.RMSNorm(d_model) for _ in range(hc_mult)])
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
         embeddings = self.multi_head_embedding(hash_ids).flatten(start_dim=-2)  # [B,T,M]
@@ -165,6 +170,10 @@ REFERENCE_CASES = {
     # max_ngram 2 with three heads and a shorter kernel
     "n2_h3_k3": dict(layer_ids=(0, 1), layer_id=1, max_ngram=2, heads=3, d_head=16,
                      table_sizes=(97,), kernel=3, D=40, B=2, T=17),
+    # table, biases and hidden state ~1e-3: mean squares ~1e-7..1e-6, where the norms' epsilons
+    # (1e-5 conv, 2**-23 gate) change the normalised values by tens of percent
+    "tiny_scale": dict(layer_ids=(1, 4), layer_id=4, max_ngram=3, heads=2, d_head=8,
+                       table_sizes=(101, 53), kernel=4, D=32, B=2, T=23, scale=1e-3),
 }
 # Our config's ablation switches, checked against the reference with the same part removed.
 ABLATION_CASES = {
@@ -190,7 +199,8 @@ def _setup(name: str) -> SimpleNamespace:
         seed=seed,
     )
     lid, D = case["layer_id"], case["D"]
-    ours = Engram(D, ecfg, lid, norm_eps=NORM_EPS, rngs=nnx.Rngs(seed))
+    ours = Engram(D, ecfg, lid, rngs=nnx.Rngs(seed))
+    scale = case.get("scale", 1.0)
     rng = np.random.default_rng(seed + 1)
 
     def rand(shape, scale=1.0):
@@ -200,10 +210,10 @@ def _setup(name: str) -> SimpleNamespace:
         return jnp.asarray(1.0 + 0.5 * rng.standard_normal(shape), jnp.float32)
 
     # O(1) table rows so the gate logits spread over both signs and many magnitudes.
-    ours.table.set_value(rand(ours.table[...].shape))
-    ours.b_v.set_value(rand((D,), 0.3))
+    ours.table.set_value(rand(ours.table[...].shape, scale))
+    ours.b_v.set_value(rand((D,), 0.3 * scale))
     if ecfg.gate:
-        ours.b_k.set_value(rand((D,), 0.3))
+        ours.b_k.set_value(rand((D,), 0.3 * scale))
         ours.norm_k.weight.set_value(around_one((D,)))
         ours.norm_h.weight.set_value(around_one((D,)))
     if ecfg.conv:
@@ -213,7 +223,7 @@ def _setup(name: str) -> SimpleNamespace:
 
     primes = ecfg.primes()[lid]
     primes_flat = [p for order in primes for p in order]  # order-major, as the hash ids
-    ref = TorchEngram(D, primes_flat, ecfg.d_head, ecfg.max_ngram, ecfg.conv_kernel, NORM_EPS,
+    ref = TorchEngram(D, primes_flat, ecfg.d_head, ecfg.max_ngram, ecfg.conv_kernel,
                       gate=ecfg.gate, conv=ecfg.conv)
 
     def t(x):
@@ -238,7 +248,7 @@ def _setup(name: str) -> SimpleNamespace:
     rng_in = np.random.default_rng(seed + 2)
     B, T = case["B"], case["T"]
     tokens = rng_in.integers(0, VOCAB, size=(B, T), dtype=np.int64)
-    hidden = rng_in.standard_normal((B, T, D)).astype(np.float32)
+    hidden = (scale * rng_in.standard_normal((B, T, D))).astype(np.float32)
 
     graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
 
@@ -281,6 +291,16 @@ def _one_torch_thread():
 
 # ---------------------------------------------------------------------------------------------
 # tests
+
+
+def test_norm_epsilons_are_the_demos():
+    s = _setup("n3_h4")
+    ref = s.ref
+    assert ref.short_conv.norms[0].eps == DEMO_CONV_NORM_EPS
+    assert ref.norm1[0].eps is None and ref.norm2[0].eps is None  # torch's default
+    assert s.ours.conv_norm.eps == DEMO_CONV_NORM_EPS
+    f32_eps = float(torch.finfo(torch.float32).eps)
+    assert s.ours.norm_k.eps == s.ours.norm_h.eps == f32_eps == 2.0**-23
 
 
 @pytest.mark.parametrize("name", list(ALL_CASES))

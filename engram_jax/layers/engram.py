@@ -12,6 +12,12 @@ branch (hc_mult = 1):
 
 and the block adds Y to the residual stream before attention. Hash ids come from the input
 pipeline (hashing.py); the module only adds the per-head offsets and gathers.
+
+Epsilons are the demo's, not the backbone's ``ModelConfig.norm_eps``: ``ShortConv`` builds its
+RMSNorm with ``norm_eps=1e-5`` (CONV_NORM_EPS), and the gate's two norms (``norm1`` on the key,
+``norm2`` on the query) are ``nn.RMSNorm(hidden_size)`` with torch's default ``eps=None``, which
+torch resolves to the float32 machine epsilon 2**-23 (GATE_NORM_EPS; float32 is also the compute
+type for bfloat16 inputs, and our RMSNorm always computes in float32).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from flax import nnx
 from engram_jax.config import EngramConfig
 from engram_jax.layers.common import RMSNorm, normal
 
+CONV_NORM_EPS = 1e-5  # demo ShortConv(norm_eps=1e-5)
+GATE_NORM_EPS = float(np.finfo(np.float32).eps)  # demo nn.RMSNorm(hidden_size): eps=None -> 2**-23
+
 
 class Engram(nnx.Module):
     """One Engram module for layer ``layer_id``.
@@ -33,8 +42,7 @@ class Engram(nnx.Module):
     (tap j multiplies position t - (W - 1 - j) * dilation, the layout of torch's Conv1d weight).
     """
 
-    def __init__(self, d_model: int, engram: EngramConfig, layer_id: int, *, norm_eps: float,
-                 rngs: nnx.Rngs):
+    def __init__(self, d_model: int, engram: EngramConfig, layer_id: int, *, rngs: nnx.Rngs):
         self.cfg = engram
         primes = engram.primes()[layer_id]
         sizes = np.array([p for order in primes for p in order], dtype=np.int64)
@@ -55,10 +63,10 @@ class Engram(nnx.Module):
         if engram.gate:
             self.w_k = normal(rngs, (M, d_model), M**-0.5)
             self.b_k = nnx.Param(jnp.zeros((d_model,), jnp.float32))
-            self.norm_k = RMSNorm(d_model, eps=norm_eps)
-            self.norm_h = RMSNorm(d_model, eps=norm_eps)
+            self.norm_k = RMSNorm(d_model, eps=GATE_NORM_EPS)
+            self.norm_h = RMSNorm(d_model, eps=GATE_NORM_EPS)
         if engram.conv:
-            self.conv_norm = RMSNorm(d_model, eps=norm_eps)
+            self.conv_norm = RMSNorm(d_model, eps=CONV_NORM_EPS)
             # Zero-initialised as in the paper: at init Y = v~.
             self.conv_w = nnx.Param(jnp.zeros((engram.conv_kernel, d_model), jnp.float32))
         self.d_model = d_model
