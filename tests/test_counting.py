@@ -60,29 +60,59 @@ def test_tiny_has_routed_experts_and_tables():
     assert c["routed_experts"] > 0 and c["engram_tables"] > 0 and c["engram_dense"] > 0
 
 
-def test_flops_match_xla_cost_analysis():
-    """Exact FLOPs (capacity slots included) within 10% of XLA's count for a train step."""
-    cfg = ModelConfig(vocab_size=1024, d_model=256, n_layers=2, n_heads=4, d_ff=512, seq_len=128,
-                      n_dense_layers=1,
-                      moe=MoEConfig(n_routed=8, top_k=2, n_shared=1, d_expert=256),
-                      engram=EngramConfig(layer_ids=(1,), heads_per_ngram=4, d_head=16,
-                                          table_sizes=(1000, 1000)))
-    B, T = 4, cfg.seq_len
+# XLA's cost analysis counts every FLOP of the compiled gradient, the elementwise work (norms,
+# softmax, activations, the gate) included; ours counts matmul FLOPs only, so XLA's count is the
+# larger by that elementwise share. Measured on FLOP_CFG (CPU, B = 4): whole step +1.02%; the
+# attention term (difference between seq_len 256 and 128) +1.8%; the Engram term (with minus
+# without Engram) +8.4%, where the gate's norms and sigmoid are large next to its d_mem = 128
+# projections. The bounds keep about 2x the measured excess. Dropping the attention FLOPs (6.3% of
+# the total) or the Engram FLOPs (3.2%) from the count breaks the whole-step bound; a wrong factor
+# in either term breaks its differential bound by far more.
+FLOP_CFG = ModelConfig(vocab_size=1024, d_model=256, n_layers=2, n_heads=4, d_ff=512, seq_len=128,
+                       n_dense_layers=1,
+                       moe=MoEConfig(n_routed=8, top_k=2, n_shared=1, d_expert=256),
+                       engram=EngramConfig(layer_ids=(1,), heads_per_ngram=4, d_head=16,
+                                           table_sizes=(1000, 1000)))
+FLOP_BATCH = 4
+MAX_EXCESS_TOTAL = 0.02
+MAX_EXCESS_ATTENTION = 0.04
+MAX_EXCESS_ENGRAM = 0.16
+
+
+def xla_and_ours_per_token(cfg: ModelConfig) -> tuple[float, float]:
+    """(XLA's FLOPs of a compiled gradient step, ours) per token, for FLOP_BATCH sequences."""
+    B, T = FLOP_BATCH, cfg.seq_len
     model = HybridLM(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    G = cfg.engram.n_heads
+    lids = cfg.engram.layer_ids if cfg.engram is not None else ()
+    G = cfg.engram.n_heads if cfg.engram is not None else 0
 
     def loss(p, tok, hid):
-        logits, _ = nnx.merge(graphdef, p, rest)(tok, {1: hid})
+        logits, _ = nnx.merge(graphdef, p, rest)(tok, hid)
         return jnp.mean(jax.nn.logsumexp(logits, -1))
 
     tok = jnp.zeros((B, T), jnp.int32)
-    hid = jnp.zeros((B, T, G), jnp.int32)
-    compiled = jax.jit(jax.grad(loss)).lower(params, tok, hid).compile()
-    ca = compiled.cost_analysis()
+    hid = {lid: jnp.zeros((B, T, G), jnp.int32) for lid in lids}
+    ca = jax.jit(jax.grad(loss)).lower(params, tok, hid).compile().cost_analysis()
     ca = ca[0] if isinstance(ca, list) else ca
-    xla = float(ca["flops"])
-    ours = flops_per_token(cfg, executed=True, tokens=B * T) * B * T
-    assert abs(xla / ours - 1) < 0.10, (xla, ours)
+    return float(ca["flops"]) / (B * T), flops_per_token(cfg, executed=True, tokens=B * T)
+
+
+def test_flops_match_xla_cost_analysis():
+    """Exact FLOPs (capacity slots included) at most MAX_EXCESS_TOTAL below XLA's count, and the
+    attention and Engram terms each checked on their own by a difference of two configs."""
+    xla, ours = xla_and_ours_per_token(FLOP_CFG)
+    assert 1.0 <= xla / ours <= 1.0 + MAX_EXCESS_TOTAL, (xla, ours)
+
+    xla_long, ours_long = xla_and_ours_per_token(dataclasses.replace(FLOP_CFG, seq_len=256))
+    attention = (xla_long - xla) / (ours_long - ours)
+    assert 1.0 <= attention <= 1.0 + MAX_EXCESS_ATTENTION, attention
+
+    xla_plain, ours_plain = xla_and_ours_per_token(dataclasses.replace(FLOP_CFG, engram=None))
+    engram = (xla - xla_plain) / (ours - ours_plain)
+    assert 1.0 <= engram <= 1.0 + MAX_EXCESS_ENGRAM, engram
+
     # The useful-FLOP count is what MFU uses; it is below the executed one by the capacity slack.
-    assert forward_flops_per_token(cfg) < forward_flops_per_token(cfg, executed=True, tokens=B * T)
+    tokens = FLOP_BATCH * FLOP_CFG.seq_len
+    assert (forward_flops_per_token(FLOP_CFG)
+            < forward_flops_per_token(FLOP_CFG, executed=True, tokens=tokens))

@@ -8,6 +8,9 @@ terms in different orders): losses and gradient norms rtol 1e-5; tables atol 5e-
 step's largest Adam move (the table lr, 5e-2 here), because Adam's normalised update m / sqrt(v)
 amplifies rounding in rows whose summed gradient nearly cancels (measured: 29 of 8480 entries
 above 1e-6 after 6 steps, the largest 1.5e-5).
+
+Comparisons after a single update use ``warmup_steps=0``: a warmup that starts at lr = 0 makes
+the first update a no-op, and a test of it would check only the forward pass.
 """
 
 import dataclasses
@@ -41,7 +44,14 @@ def batches(cfg, n, prefetch=0, post_fn=None):
     return it
 
 
-def train_device(cfg, tx, n, tcfg=TCFG):
+def flat_params(params) -> dict:
+    """{path: numpy copy} of a parameter state (copies: the step donates its buffers)."""
+    return {k: np.array(v[...]) for k, v in nnx.to_flat_state(params)}
+
+
+def train_device(cfg, tx, n, tcfg=TCFG, snapshots=None):
+    """Losses, grad norms and final tables; ``snapshots`` (a list) gets the flat params after
+    every step."""
     model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed))
     gd, params, rest = nnx.split(model, nnx.Param, ...)
     state = TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))
@@ -52,12 +62,15 @@ def train_device(cfg, tx, n, tcfg=TCFG):
             state, m = step(state, next(it))
             losses.append(float(m["loss"]))
             norms.append(float(m["grad_norm"]))
+            if snapshots is not None:
+                snapshots.append(flat_params(state.params))
     tables = {b.layer_id: np.asarray(b.engram.table[...])
               for b in nnx.merge(gd, state.params, state.rest).blocks if b.engram is not None}
     return np.array(losses), np.array(norms), tables
 
 
-def train_offload(cfg, n, prefetch=3, tcfg=TCFG):
+def train_offload(cfg, n, prefetch=3, tcfg=TCFG, snapshots=None):
+    """Like ``train_device``; a snapshot also holds the host tables under ("table", layer_id)."""
     model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed))
     store = HostTables(model, tcfg)
     gd, params, rest = nnx.split(model, nnx.Param, ...)
@@ -73,6 +86,10 @@ def train_offload(cfg, n, prefetch=3, tcfg=TCFG):
             store.apply(rows, m.pop("memory_grad"))
             losses.append(float(m["loss"]))
             norms.append(float(m["grad_norm"]))
+            if snapshots is not None:
+                snap = flat_params(state.params)
+                snap.update({("table", lid): t.copy() for lid, t in store.tables.items()})
+                snapshots.append(snap)
     return np.array(losses), np.array(norms), store, state
 
 
@@ -124,11 +141,34 @@ def test_offload_equals_lazy_adam_reference():
 
 
 def test_first_steps_equal_plain_adamw():
-    """Until a row skips a step, lazy and dense Adam agree: the first two losses match optax adamw."""
+    """Until a row skips a step, lazy and dense Adam agree: after one update at the peak rate
+    (no warmup) every parameter, the host tables included, equals optax adamw's, and so does the
+    loss computed with those parameters."""
     dev, off = configs()
-    ref_loss, _, _ = train_device(dev, make_optimizer(TCFG), 2)
-    loss, _, _, _ = train_offload(off, 2)
+    tcfg = dataclasses.replace(TCFG, warmup_steps=0)
+    dev_snaps, off_snaps = [], []
+    ref_loss, _, _ = train_device(dev, make_optimizer(tcfg), 2, tcfg=tcfg, snapshots=dev_snaps)
+    loss, _, _, _ = train_offload(off, 2, tcfg=tcfg, snapshots=off_snaps)
+    # loss[1] is computed with the parameters after the first update
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+
+    init = flat_params(nnx.state(HybridLM(dev, rngs=nnx.Rngs(tcfg.seed)), nnx.Param))
+    after_dev, after_off = dev_snaps[0], off_snaps[0]
+    n_tables = 0
+    for k, ref in after_dev.items():
+        if "table" in k:
+            lid = next(p for p in k if isinstance(p, int))
+            got = after_off[("table", lid)]
+            np.testing.assert_allclose(got, ref, rtol=0, atol=5e-5, err_msg=str(k))
+            # the first update moved the touched rows by about the table rate (5e-2)
+            assert np.abs(got - init[k]).max() > 0.5 * tcfg.lr * tcfg.engram_lr_mult, k
+            n_tables += 1
+        else:
+            np.testing.assert_allclose(after_off[k], ref, rtol=1e-5, atol=1e-6, err_msg=str(k))
+    assert n_tables == len(dev.engram.layer_ids)
+    moved = [k for k in after_dev if "table" not in k
+             and np.abs(after_dev[k] - init[k]).max() > 0.5 * tcfg.lr]
+    assert len(moved) > len(after_dev) // 2, "the first update did not move the parameters"
 
 
 def test_host_adam_matches_numpy_reference():
@@ -166,7 +206,7 @@ def test_refresh_rereads_rows_updated_after_prefetch():
         batch = store.prefetch(it.batch_at(0))
         rows = store.rows(batch["hash_ids"])
         g = {lid: np.ones(m.shape, np.float32) for lid, m in batch["memory"].items()}
-        store.apply(rows, g)  # step 1 (the warmup schedule's lr is 0 here)
+        store.apply(rows, g)  # step 1
         batch = store.prefetch(it.batch_at(0))
         store.apply(rows, g)  # an update lands between prefetch and use
         stale = {k: v.copy() for k, v in batch["memory"].items()}
