@@ -141,3 +141,108 @@ def write_memory_grid(
             if curves:
                 cdict[tid] = _curve(rng, loss, tokens)
     return _write(Path(root), grid, rows, cdict)
+
+
+# ---------------------------------------------------------------- allocation-curve families
+# Each family draws a true curve loss(rho) and its optimum (None when there is no interior one).
+# The shapes differ on purpose from the fitter's candidate forms (exponential asymmetry, cubic
+# and quartic terms, plateaus), so a calibration is not a fit of the model to itself.
+RHO_GRID = np.round(np.arange(0.3, 1.001, 0.1), 2)
+
+
+def _skewed(rng, lo, hi, steep_right):
+    """L0 + A u^2 e^{s u}, u = rho - rho*: 2-6x steeper on one side at |u| = 0.2.
+
+    A is set by the rise at the flat side's edge of the grid (0.015-0.05 nats; the paper's flat
+    side rises 0.014 over 0.4 in rho), so every draw is a clear U; s <= 4.4 keeps it unimodal
+    over the grid.
+    """
+    x0 = rng.uniform(lo, hi)
+    s = rng.uniform(2.0, 4.4) * (1 if steep_right else -1)
+    d = (x0 - RHO_GRID[0]) if steep_right else (RHO_GRID[-1] - x0)  # flat side's extent
+    amp = rng.uniform(0.015, 0.05) / (d * d * np.exp(-abs(s) * d))
+    return (lambda r: 1.8 + amp * (r - x0) ** 2 * np.exp(s * (r - x0))), x0
+
+
+def _symmetric(rng):
+    """A (cosh(c u) - 1): a parabola for small c, flatter-bottomed and steeper-walled for large."""
+    x0, c = rng.uniform(0.5, 0.8), rng.uniform(1.0, 10.0)
+    d = min(x0 - RHO_GRID[0], RHO_GRID[-1] - x0)
+    amp = rng.uniform(0.012, 0.04) / (np.cosh(c * d) - 1)  # rise at the nearer edge
+    return (lambda r: 1.8 + amp * (np.cosh(c * (r - x0)) - 1)), x0
+
+
+def _edge(rng, right):
+    """Optimum 0.02-0.08 from an edge of RHO_GRID; power rise (exponent 1.5-3) on each side."""
+    gap = rng.uniform(0.02, 0.08)
+    x0 = RHO_GRID[-1] - gap if right else RHO_GRID[0] + gap
+    near, far = rng.uniform(0.02, 0.15), rng.uniform(0.02, 0.08)  # rises at the two edges
+    pn, pf = rng.uniform(1.5, 3.0), rng.uniform(1.5, 3.0)
+    dn, df = gap, (x0 - RHO_GRID[0]) if right else (RHO_GRID[-1] - x0)
+    sgn = 1 if right else -1
+
+    def f(r):
+        u = sgn * (np.asarray(r, float) - x0)  # > 0 towards the near edge
+        return 1.8 + np.where(u > 0, near * (np.abs(u) / dn) ** pn, far * (np.abs(u) / df) ** pf)
+    return f, x0
+
+
+def _monotone(rng):
+    """Linear, convex or concave, towards either end; 0.01-0.2 nats over the grid."""
+    drop, kind, up = rng.uniform(0.01, 0.2), rng.integers(3), rng.random() < 0.5
+    g = [lambda t: t, lambda t: t**2.5, lambda t: 1 - (1 - t) ** 2.5][kind]
+    span = RHO_GRID[-1] - RHO_GRID[0]
+
+    def f(r):
+        t = (np.asarray(r, float) - RHO_GRID[0]) / span
+        return 1.8 + drop * g(t if up else 1 - t)
+    return f, None
+
+
+def _plateau(rng):
+    """Steep on one side, exactly flat over the last 2-5 grid points at the other end."""
+    k = int(rng.integers(2, 6))
+    right = rng.random() < 0.5
+    edge = RHO_GRID[-k] if right else RHO_GRID[k - 1]
+    amp = rng.uniform(0.5, 3.0)
+
+    def f(r):
+        u = (edge - np.asarray(r, float)) if right else (np.asarray(r, float) - edge)
+        return 1.8 + amp * np.clip(u, 0, None) ** 2
+    return f, None
+
+
+FAMILIES = {
+    "symmetric": _symmetric,
+    "asym-steep-right": lambda rng: _skewed(rng, 0.55, 0.85, True),
+    "asym-steep-left": lambda rng: _skewed(rng, 0.45, 0.75, False),
+    "edge-right": lambda rng: _edge(rng, True),
+    "edge-left": lambda rng: _edge(rng, False),
+    "flat": lambda rng: ((lambda r: np.full(np.shape(r), 1.8)), None),
+    "monotone": _monotone,
+    "plateau": _plateau,
+}
+
+
+def sample_allocation_runs(
+    family: str, rng: np.random.Generator, *, noise: float, seeds: int = 3, rhos=None,
+    seed_sd: float = 0.0,
+) -> tuple[pd.DataFrame, float | None]:
+    """Draws one synthetic allocation grid from a family of :data:`FAMILIES`.
+
+    Args:
+        family: family name. rng: the generator (drives the curve and the noise).
+        noise: sd of the run-to-run noise on the loss. seeds: runs per rho.
+        rhos: the rho grid (default :data:`RHO_GRID`, 0.3..1.0).
+        seed_sd: sd of a per-seed offset shared by every rho (0: independent runs).
+
+    Returns:
+        (runs with columns rho, seed, val_loss; the true optimum, or None without one).
+    """
+    rhos = RHO_GRID if rhos is None else np.asarray(rhos, float)
+    f, x0 = FAMILIES[family](rng)
+    x = np.repeat(rhos, seeds)
+    s = np.tile(np.arange(seeds), len(rhos))
+    offs = rng.normal(0, seed_sd, seeds) if seed_sd > 0 else np.zeros(seeds)
+    y = f(x) + offs[s] + rng.normal(0, noise, x.size)
+    return pd.DataFrame({"rho": x, "seed": s, "val_loss": y}), x0

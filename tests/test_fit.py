@@ -1,7 +1,8 @@
 """The fitters recover known optima and exponents from noisy synthetic data, and say 'no' plainly.
 
 Statistical tests use fixed seeds, so they are deterministic; the thresholds leave room for the
-Monte-Carlo error of 40 repetitions (a 95% interval covering 38/40 on average; >= 0.8 asked).
+Monte-Carlo error of a few dozen repetitions (a 95% interval covering 38/40 on average; >= 0.8
+asked). The full calibration is ``python -m analysis.calibrate`` (results/calibration/).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis import ushape
+from analysis.calibrate import run_u, summarise_u
 from analysis.fit import fit_optimum_vs_compute, fit_power_law, fit_u_curve
+from analysis.synthetic import FAMILIES
 
 RHOS = np.round(np.arange(0.4, 1.001, 0.1), 2)
 TRUE_RHO = 0.78
@@ -31,8 +35,52 @@ def test_u_fit_recovers_optimum():
     assert f["ci_low"] < f["rho_star"] < f["ci_high"]
     assert f["bootstrap_ci"][0] < f["bootstrap_ci"][1]
     assert abs(f["spline_rho_star"] - TRUE_RHO) < 0.06
-    assert abs(f["l_star"] - 1.8) < 0.003 and f["k"] > 0
+    assert abs(f["l_star"] - 1.8) < 0.003 and f["model"] in ushape.SHAPES
     assert (f["n_points"], f["n_runs"]) == (7, 21)
+    assert f["params"]["a"] > 0 and f["params"]["b"] > 0 and f["seed_effects"]
+
+
+def asym_data(rng, x_star=0.8, noise=0.0025, seeds=3, seed_sd=0.0):
+    # The paper's shape: four times steeper towards rho = 1 than towards small rho.
+    x = np.repeat(np.round(np.arange(0.3, 1.001, 0.1), 2), seeds)
+    u = x - x_star
+    y = 1.71 + np.where(u < 0, 0.09 * (-u) ** 2, 0.35 * u**2)
+    s = np.tile(np.arange(seeds), len(x) // seeds)
+    y = y + rng.normal(0, noise, x.size) + rng.normal(0, seed_sd, seeds)[s]
+    return pd.DataFrame({"rho": x, "val_loss": y, "seed": s})
+
+
+def test_asymmetric_optimum_inside_interval():
+    f = fit_u_curve(asym_data(np.random.default_rng(10)), n_boot=300)
+    assert f["is_u_shaped"], f["reason"]
+    assert f["ci_low"] <= 0.8 <= f["ci_high"] and abs(f["rho_star"] - 0.8) < 0.06
+
+
+def test_seed_offsets_are_removed():
+    # A seed that is worse at every rho (as seed 0 of cpu-small is) moves no optimum.
+    f = fit_u_curve(asym_data(np.random.default_rng(11), seed_sd=0.02), n_boot=300)
+    assert f["seed_effects"] and f["sigma"] < 0.004
+    assert f["is_u_shaped"] and f["ci_low"] <= 0.8 <= f["ci_high"]
+
+
+def test_issue_smoke_means_bracket_the_best_point():
+    # Smoke shape at 5M tokens: the jump at rho = 1 must not drag rho* below the best point 0.8.
+    rng = np.random.default_rng(12)
+    mu = {1.0: 1.8255, 0.8: 1.7252, 0.5: 1.7320, 0.3: 1.7439}
+    df = pd.DataFrame([(r, s, m + rng.normal(0, 0.003)) for r, m in mu.items()
+                       for s in range(3)], columns=["rho", "seed", "val_loss"])
+    f = fit_u_curve(df, n_boot=300)
+    assert f["is_u_shaped"], f["reason"]
+    assert f["ci_low"] <= 0.8 <= f["ci_high"]
+
+
+def test_fast_calibration():
+    # A small version of results/calibration/: every U family covered, no null called U.
+    per = run_u(tuple(FAMILIES), draws=15, n_boot=150, seed=7)
+    table = summarise_u(per).set_index("family")
+    u = table[table["has_optimum"]]
+    assert (u["coverage"] >= 0.8).all(), u[["coverage", "frac_called_u"]]
+    assert (table.loc[~table["has_optimum"], "frac_called_u"] == 0).all()
 
 
 def test_u_fit_interval_coverage():
@@ -48,7 +96,10 @@ def test_u_fit_interval_coverage():
 
 def test_u_fit_one_run_per_point_uses_residual_bootstrap():
     # The paper's setting: one run per rho, no seeds.
-    f = fit_u_curve(u_data(np.random.default_rng(2), seeds=1, noise=0.001), n_boot=200)
+    # With one run per x the noise comes from a fitted curve's few residual dof, so the shape
+    # test is weak: it needs a curve that is clear against the noise.
+    f = fit_u_curve(u_data(np.random.default_rng(2), seeds=1, noise=0.0003,
+                           rhos=np.round(np.arange(0.3, 1.001, 0.1), 2)), n_boot=200)
     assert f["is_u_shaped"], f["reason"]
     assert "residual" in f["bootstrap_method"]
     assert abs(f["rho_star"] - TRUE_RHO) < 0.05
@@ -135,6 +186,7 @@ def test_optimum_vs_compute():
     o = fit_optimum_vs_compute(pd.concat(frames), n_boot=50)
     assert o["ok"], o["reason"]
     assert abs(o["b"] - 0.04) < 0.03 and o["b_se"] > 0
+    assert o["b_ci"][0] < o["b"] < o["b_ci"][1]
     assert list(o["per_budget"]["budget"]) == ["s", "m", "l"]
     one = fit_optimum_vs_compute(frames[0], n_boot=20)
     assert not one["ok"] and ">= 2 budgets" in one["reason"]
