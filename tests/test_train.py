@@ -127,7 +127,7 @@ def test_nan_guard_stops_with_clear_message(tmp_path, text_dir):
 def test_bad_input_fails_before_work(tmp_path, args, message):
     out = tmp_path / "never"
     r = cli(*args, "--out", str(out), check=False)
-    assert r.returncode != 0
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])  # the README's bad-input code
     assert message in r.stderr, r.stderr
     assert not out.exists()
 
@@ -135,5 +135,21 @@ def test_bad_input_fails_before_work(tmp_path, args, message):
 def test_empty_corpus_is_a_clear_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = cli("--preset", "tiny", "--corpus", str(empty), "--out", str(tmp_path / "o"), check=False)
-    assert r.returncode != 0 and "empty" in r.stderr.lower()
+    out = tmp_path / "o"
+    r = cli("--preset", "tiny", "--corpus", str(empty), "--out", str(out), check=False)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "empty" in r.stderr.lower()
+    assert not out.exists()
+
+
+def test_out_dir_holding_another_run_is_refused(tmp_path, text_dir):
+    out = tmp_path / "other"
+    out.mkdir()
+    other = json.dumps({"model": {"d_model": 1}, "train": {}, "corpus": "elsewhere"})
+    (out / "config.json").write_text(other)
+    r = cli("--preset", "tiny", "--corpus", str(text_dir), "--steps", "2", "--out", str(out),
+            check=False)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "different config" in r.stderr, r.stderr
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert (out / "config.json").read_text() == other
