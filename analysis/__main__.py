@@ -40,7 +40,8 @@ def _print_grid(runs: pd.DataFrame, name: str, n_boot: int, level: float) -> Non
         o = fit_optimum_vs_compute(runs, n_boot=min(n_boot, 300), level=level)
         if o["ok"]:
             print(f"rho* vs compute: rho* = {o['a']:.3f} + {o['b']:.3f} log10(C)  "
-                  f"(slope se {num(o['b_se'], '.3f')}; {o['reason']})")
+                  f"(slope se {num(o['b_se'], '.3f')}, {level:.0%} CI {ci(*o['b_ci'])}; "
+                  f"{o['reason']})")
         else:
             print(f"rho* vs compute: {o['reason']}")
 

@@ -86,7 +86,8 @@ def _empty(level: float) -> dict[str, Any]:
         "x_min_empirical": NAN, "x_range": (NAN, NAN), "window": (NAN, NAN), "model": "", "params": {},
         "rho_star_se": NAN, "sigma": NAN, "seed_effects": False, "shape_stat": NAN,
         "shape_crit": NAN, "bootstrap_method": "", "boot_frac_u": NAN,
-        "boot_models": {}, "boot_samples": np.empty((0, 6)),
+        "boot_models": {}, "boot_samples": np.empty((0, 6)), "curve_x": np.empty(0),
+        "curve_y": np.empty(0), "band": (np.empty(0), np.empty(0)),
     }
 
 
@@ -116,7 +117,9 @@ def fit_u_curve(
         (bootstrap sd), ``bootstrap_ci`` (= the interval), ``profile_ci`` (the chosen shape's
         profile-likelihood interval, a model-conditional diagnostic), ``spline_rho_star``
         (Akima argmin of the means), ``boot_samples`` [m, 6] of the replicates' params,
-        ``boot_models`` (share of replicates per shape), ``sigma`` and ``dof`` (pure error),
+        ``boot_models`` (share of replicates per shape), ``curve_x``/``curve_y`` (the chosen
+        curve on the x* grid of the fitted window) and ``band`` (its pointwise bootstrap
+        interval), ``window`` (the x range fitted), ``sigma`` and ``dof`` (pure error),
         ``shape_stat``/``shape_crit`` (the shape test), ``n_points``, ``n_runs``. When
         ``is_u_shaped`` is False, rho_star and the interval are NaN and ``reason`` says why.
     """
@@ -195,6 +198,7 @@ def _fit_u(df, x, y, n_boot, seed, level, alpha_shape, seed_col, penalty) -> dic
     means, counts = means[win], counts[win]
     pt = {k: float(fit[k][0]) for k in PARAMS}
     model = ushape.SHAPES[int(fit["shape"][0])]
+    res.update(curve_x=bank.centres, curve_y=fit["curve"][0])
     res.update(model=model, params=pt, l_star=pt["l_star"], window=(float(xs[win][0]),
                                                                    float(xs[win][-1])))
     if model == "parabola":
@@ -214,7 +218,10 @@ def _fit_u(df, x, y, n_boot, seed, level, alpha_shape, seed_col, penalty) -> dic
     res["profile_ci"] = prof
     lo, hi = NAN, NAN
     if n_boot > 0:
-        boot = _bootstrap(bank, means, counts, resid, resid_idx, s2, penalty, n_boot, seed)
+        boot, curves = _bootstrap(bank, means, counts, resid, resid_idx, s2, penalty, n_boot,
+                                  seed)
+        a = (1 - level) / 2
+        res["band"] = tuple(np.quantile(curves, [a, 1 - a], axis=0))
         xb = boot[:, 0]
         res["boot_samples"] = boot
         res["boot_frac_u"] = float(np.mean((xb > xs[0]) & (xb < xs[-1])))
@@ -275,7 +282,7 @@ def _profile_ci(bank, profile, s2, dof, level) -> tuple[float, float]:
 
 
 def _bootstrap(bank, means, counts, resid, resid_idx, s2, penalty, n_boot, seed):
-    """[n_boot, 7] replicates of (x*, L*, a, b, p, q, shape index).
+    """[n_boot, 7] replicates of (x*, L*, a, b, p, q, shape index) and their curves [n_boot, C].
 
     Each replicate adds to every x mean the mean of counts[x] residuals drawn from the pooled,
     rescaled residuals, and redoes the shape choice and fit. A replicate whose chosen curve has no
@@ -284,6 +291,7 @@ def _bootstrap(bank, means, counts, resid, resid_idx, s2, penalty, n_boot, seed)
     rng = np.random.default_rng(seed)
     n = len(means)
     out = np.zeros((n_boot, 7))
+    curves = np.zeros((n_boot, len(bank.centres)))
     lo_x, hi_x = bank.centres[0], bank.centres[-1]
     for start in range(0, n_boot, 250):
         nb = min(250, n_boot - start)
@@ -296,7 +304,8 @@ def _bootstrap(bank, means, counts, resid, resid_idx, s2, penalty, n_boot, seed)
         xb = np.where(f["a"] <= 0, lo_x, np.where(f["b"] <= 0, hi_x, f["x_star"]))
         out[start:start + nb] = np.column_stack(
             [xb, f["l_star"], f["a"], f["b"], f["p"], f["q"], f["shape"]])
-    return out
+        curves[start:start + nb] = f["curve"]
+    return out, curves
 
 
 def fit_optimum_vs_compute(

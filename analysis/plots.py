@@ -63,24 +63,20 @@ def _note(ax, text: str) -> None:
 
 
 def allocation_panel(ax, d: pd.DataFrame, fit: dict, *, y: str = "val_loss") -> None:
-    """Loss against rho for one budget: seeds, means, parabola, bootstrap band and optimum."""
+    """Loss against rho for one budget: seeds, means, fitted curve, bootstrap band and optimum."""
     agg = _seeds_and_means(ax, d, "rho", y)
-    if len(agg) >= 3:  # the spline cross-check, lightly, so the parabola stays the message
+    if len(agg) >= 3:  # the spline cross-check, lightly, so the fitted curve stays the message
         from scipy.interpolate import Akima1DInterpolator
         xx = np.linspace(agg["rho"].min(), agg["rho"].max(), 200)
         ax.plot(xx, Akima1DInterpolator(agg["rho"], agg["mean"])(xx), ":", color="0.55",
                 lw=0.7, zorder=1, label="Akima spline of means")
     if fit["is_u_shaped"]:
-        lo, hi = fit["window"]
-        xx = np.linspace(lo, hi, 200)
-        bs = fit["boot_samples"]
-        if len(bs) >= 10:
-            pred = bs[:, 1, None] + bs[:, 2, None] * (xx[None, :] - bs[:, 0, None]) ** 2
-            q = (1 - fit["level"]) / 2
-            ax.fill_between(xx, *np.quantile(pred, [q, 1 - q], axis=0), color=style.BAND,
-                            alpha=0.5, lw=0, zorder=1, label="bootstrap band")
-        ax.plot(xx, fit["l_star"] + fit["k"] * (xx - fit["rho_star"]) ** 2, color=style.FIT,
-                lw=1.1, zorder=4, label="parabola fit")
+        xx = fit["curve_x"]
+        if len(fit["band"][0]):
+            ax.fill_between(xx, *fit["band"], color=style.BAND, alpha=0.5, lw=0, zorder=1,
+                            label="bootstrap band")
+        ax.plot(xx, fit["curve_y"], color=style.FIT, lw=1.1, zorder=4,
+                label=f"{fit['model']} fit")
         x0, x1 = agg["rho"].min(), agg["rho"].max()
         ax.axvspan(max(fit["ci_low"], x0 - 0.05), min(fit["ci_high"], x1 + 0.05),
                    color=style.OPTIMUM, alpha=0.12, lw=0, zorder=0)

@@ -25,7 +25,7 @@ def num(v: float, fmt: str = ".4f") -> str:
 
 def allocation_table(runs: pd.DataFrame, *, n_boot: int = 1000, level: float = 0.95
                      ) -> pd.DataFrame:
-    """One row per budget (smallest compute first): rho*, its intervals, L*, the verdict.
+    """One row per budget (smallest compute first): rho*, its interval, the shape, L*, verdict.
 
     Args:
         runs: the ok runs of one rho grid.
@@ -38,8 +38,8 @@ def allocation_table(runs: pd.DataFrame, *, n_boot: int = 1000, level: float = 0
         rows.append({
             "budget": budget, "n_rho": f["n_points"], "runs": f["n_runs"],
             "seeds": d["seed"].nunique(), "rho*": num(f["rho_star"], ".3f"),
-            f"CI{level:.0%} (profile)": ci(*f["profile_ci"]),
-            "CI (bootstrap)": ci(*f["bootstrap_ci"]), "L*": num(f["l_star"]),
+            f"CI{level:.0%}": ci(f["ci_low"], f["ci_high"]), "model": f["model"] or "-",
+            "L*": num(f["l_star"]) if f["is_u_shaped"] else "-",
             "spline rho*": num(f["spline_rho_star"], ".3f"),
             "U-shaped": "yes" if f["is_u_shaped"] else "no", "reason": f["reason"],
         })
