@@ -37,11 +37,20 @@ def param_labels(params: nnx.State):
 
 
 def schedule(tcfg: TrainConfig, peak: float) -> optax.Schedule:
+    """Linear warmup to ``peak`` over ``warmup_steps`` updates, then cosine decay to
+    ``peak * min_lr_ratio`` at the last step.
+
+    optax evaluates a schedule at the count of updates already applied (0 for the first), so the
+    warmup-cosine curve is read one step ahead: update ``s`` (1-based) uses ``base(s)``, which makes
+    the first update's rate ``peak / warmup_steps`` rather than 0 and the last one's the floor.
+    The rate used by step ``s`` is therefore ``schedule(tcfg, peak)(s - 1)``.
+    """
     warmup = min(tcfg.warmup_steps, max(tcfg.steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
+    base = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup,
         decay_steps=max(tcfg.steps, warmup + 1), end_value=peak * tcfg.min_lr_ratio,
     )
+    return lambda count: base(count + 1)
 
 
 def make_optimizer(tcfg: TrainConfig, *, clip: bool = True) -> optax.GradientTransformation:

@@ -169,7 +169,7 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
         last_train = loss
         tps = timed_tokens / timed_s if timed_s > 0 else None
         row = {"step": step, "tokens": step * B * T, "train_loss": loss, "val_loss": val_loss,
-               "lr": float(lr_at(step)), "tokens_per_s": tps,
+               "lr": float(lr_at(step - 1)), "tokens_per_s": tps,
                "grad_norm": float(m["grad_norm"])}
         if "max_load" in m:
             row["max_load"] = float(m["max_load"])
