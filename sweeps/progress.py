@@ -1,10 +1,16 @@
-"""A compact Tune progress callback: one line per logged step, per finished and per failed trial."""
+"""Tune callbacks of the driver: ``Progress`` (one line per logged step, per finished and per
+failed trial) and ``RowWriter`` (the grid's result files, rewritten as each trial finishes)."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from ray import tune
+
+from sweeps.grid import Grid
+from sweeps.results import LEAD_COLUMNS, atomic_write, build_rows, command_line, to_csv, write_curves, write_readme
 
 
 class Progress(tune.Callback):
@@ -32,6 +38,35 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[{trial.config['trial']['trial_id']}] FAILED (see the summary)", flush=True)
+
+
+class RowWriter(tune.Callback):
+    """Writes ``runs.csv``, ``curves/`` and ``README.md`` again each time a trial finishes.
+
+    The trial's record and metric curve arrive with its last Tune result (``trainable.py``), so
+    nothing is read from a worker's disk. Finished rows carried over from an earlier run
+    (``kept``, read from ``runs.csv``) are written back exactly as they were read.
+    """
+
+    def __init__(self, grid: Grid, out: Path, kept: dict[str, dict], ray_version: str):
+        self.grid, self.out, self.kept, self.ray_version = grid, out, kept, ray_version
+        self.records: dict[str, dict] = {}
+        self.errors: dict[str, str] = {}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        res = trial.last_result or {}
+        if res.get("record_json"):
+            tid = trial.config["trial"]["trial_id"]
+            self.records[tid] = json.loads(res["record_json"])
+            write_curves(self.out, tid, res.get("metrics_jsonl", ""))
+        self.write()
+
+    def write(self) -> list[dict]:
+        """Write the result files atomically; returns the rows (grid order)."""
+        rows = build_rows(self.grid, self.records, self.errors, self.ray_version, kept=self.kept)
+        atomic_write(self.out / "runs.csv", to_csv(rows, LEAD_COLUMNS))
+        write_readme(self.out, self.grid, rows, command_line(), self.ray_version)
+        return rows
 
 
 def _f(v, fmt: str = ".4f") -> str:

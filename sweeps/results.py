@@ -1,8 +1,9 @@
 """Result files of a grid: ``runs.csv`` (one row per trial), ``curves/<trial_id>.csv`` and a
 ``README.md`` with provenance. Everything is written atomically (tmp file + ``os.replace``).
 
-No Ray and no JAX here: rows are built from each trial's ``record.json`` (written by
-``engram_jax.train.run_trial``) or, for a trial that did not finish, from its spec.
+No Ray and no JAX here: rows are built from each trial's record (``engram_jax.train.run_trial``,
+delivered with the trial's last Tune result), from a finished row of an earlier ``runs.csv``, or,
+for a trial that did not finish, from its spec.
 """
 
 from __future__ import annotations
@@ -33,14 +34,6 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_record(out_dir: Path) -> dict | None:
-    p = out_dir / "record.json"
-    if not p.exists():
-        return None
-    rec = json.loads(p.read_text())
-    return rec if rec.get("status") == "ok" else None
-
-
 def spec_row(spec: TrialSpec) -> dict:
     """What is known about a trial without running it: its meta, config and counts."""
     cfg = spec.model
@@ -59,12 +52,23 @@ def spec_row(spec: TrialSpec) -> dict:
     }
 
 
-def build_rows(grid: Grid, trial_dir, errors: dict[str, str], ray_version: str) -> list[dict]:
-    """One row per trial, in grid order: the record when the trial finished, else its spec."""
+def build_rows(grid: Grid, records: dict[str, dict], errors: dict[str, str], ray_version: str,
+               *, kept: dict[str, dict] | None = None) -> list[dict]:
+    """One row per trial, in grid order.
+
+    Args:
+      records: trial id -> the record of a trial that finished in this run.
+      errors: trial id -> the last line of a failed trial's error.
+      kept: trial id -> a finished row read from an earlier ``runs.csv``; written back unchanged.
+    """
+    kept = kept or {}
     rows = []
     for spec in grid.trials:
-        rec = read_record(trial_dir(spec.trial_id))
-        if rec is not None:
+        if spec.trial_id in kept:
+            rows.append(dict(kept[spec.trial_id]))
+            continue
+        rec = records.get(spec.trial_id)
+        if rec is not None and rec.get("status") == "ok":
             row = {**spec.meta, "status": "ok", "error": "", **rec}
             for k, v in spec_row(spec).items():
                 row.setdefault(k, v)
@@ -89,11 +93,11 @@ def to_csv(rows: list[dict], lead: list[str]) -> str:
     return buf.getvalue()
 
 
-def write_curves(out: Path, trial_id: str, trial_out: Path) -> bool:
-    src = trial_out / "metrics.jsonl"
-    if not src.exists():
+def write_curves(out: Path, trial_id: str, metrics_jsonl: str) -> bool:
+    """``curves/<trial_id>.csv`` from a trial's ``metrics.jsonl`` text (one JSON object a line)."""
+    rows = [json.loads(line) for line in metrics_jsonl.splitlines() if line.strip()]
+    if not rows:
         return False
-    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
     atomic_write(out / "curves" / f"{trial_id}.csv", to_csv(
         [{k: r.get(k) for k in CURVE_COLUMNS} for r in rows], CURVE_COLUMNS))
     return True

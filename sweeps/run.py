@@ -9,9 +9,15 @@ Layout under ``<results>/<grid>/``: ``runs.csv``, ``curves/``, ``README.md`` (th
 ``grid.json`` (the expanded trials), and, git-ignored, ``trials/<trial_id>/`` (each trial's
 metrics, record and orbax checkpoint) and ``ray/`` (Tune's experiment state).
 
-Rerunning the same command resumes an interrupted grid (``Tuner.restore``, errored trials
-resumed, finished ones not rerun). A finished grid is never overwritten without ``--force``.
-Exit status: 0 all trials finished; 1 some failed or were interrupted; 2 invalid grid; 3 refused.
+``runs.csv`` (with ``curves/`` and ``README.md``) is rewritten atomically each time a trial
+finishes, from the record and curve that reach the driver with the trial's last Tune result.
+Rerunning the same command continues a grid: rows already ``ok`` in ``runs.csv`` are kept exactly
+as they are and their trials are not run again; the others train (resuming from their own
+checkpoint under ``trials/`` when this machine has it). So a grid can be continued on another
+machine from its committed files alone (``runs.csv``, ``curves/``, ``README.md``, ``grid.json``),
+even after the driver was killed without warning. A finished grid is never overwritten without
+``--force``. Exit status: 0 all trials finished; 1 some failed or were interrupted; 2 invalid
+grid; 3 refused.
 """
 
 from __future__ import annotations
@@ -27,8 +33,7 @@ from pathlib import Path
 
 from sweeps.grid import Grid, GridError, load_grid
 from sweeps.results import (
-    LEAD_COLUMNS, atomic_write, build_rows, command_line, summary_table, to_csv, write_curves,
-    write_readme,
+    atomic_write, summary_table,
 )
 from sweeps.trainable import spec_to_config, train_trial
 
@@ -45,18 +50,41 @@ for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": 
     os.environ.setdefault(_k, _v)
 
 
+def finished_rows(out: Path, grid: Grid) -> dict[str, dict]:
+    """The rows of ``runs.csv`` whose trial finished (status ok), by trial id, as written.
+
+    Raises SystemExit (exit 3) when a finished row's model config hash or seed is not the one the
+    grid file now asks for: continuing would mix two versions of the grid.
+    """
+    import csv
+
+    runs = out / "runs.csv"
+    if not runs.exists():
+        return {}
+    with runs.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("status") == "ok"]
+    specs = {t.trial_id: t for t in grid.trials}
+    kept = {}
+    for r in rows:
+        spec = specs.get(r.get("trial_id"))
+        if spec is None:
+            continue
+        if r.get("config_hash") != spec.model.hash() or str(r.get("seed")) != str(spec.train.seed):
+            print(f"refusing: {runs} has a finished row for {r['trial_id']} with config hash "
+                  f"{r.get('config_hash')} and seed {r.get('seed')}, but the grid file now asks for "
+                  f"{spec.model.hash()} and seed {spec.train.seed}; restore the grid file, or pass "
+                  "--force to start over", file=sys.stderr)
+            raise SystemExit(3)
+        kept[r["trial_id"]] = r
+    return kept
+
+
 def grid_state(out: Path, grid: Grid) -> str:
     """'new', 'finished' (every trial ok in runs.csv) or 'partial'."""
-    runs = out / "runs.csv"
-    if not runs.exists() and not (out / "grid.json").exists():
+    if not (out / "runs.csv").exists() and not (out / "grid.json").exists():
         return "new"
-    if runs.exists():
-        import csv
-
-        with runs.open() as f:
-            status = {r["trial_id"]: r["status"] for r in csv.DictReader(f)}
-        if set(status) == set(grid.trial_ids) and all(s == "ok" for s in status.values()):
-            return "finished"
+    if set(finished_rows(out, grid)) == set(grid.trial_ids):
+        return "finished"
     return "partial"
 
 
@@ -77,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(a.results).absolute() / grid.name
-    state = grid_state(out, grid)
+    try:
+        state = "new" if a.force else grid_state(out, grid)
+    except SystemExit as e:
+        return int(e.code)
     trial_configs = [spec_to_config(s) for s in grid.trials]
     if state == "finished" and not a.force:
         print(f"refusing: {out} holds a finished run of grid {grid.name!r} "
@@ -98,17 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / ".gitignore", _GITIGNORE)
     atomic_write(out / "grid.json", json.dumps(trial_configs, indent=1, sort_keys=True))
+    kept = finished_rows(out, grid) if state == "partial" else {}
     print(f"grid {grid.name}: {len(grid.trials)} trials -> {out}"
-          + (" (resuming)" if state == "partial" and not a.force else ""), flush=True)
-    return _run(grid, out, trial_configs, a)
+          + (f" (resuming: {len(kept)} finished, {len(grid.trials) - len(kept)} to run)"
+             if state == "partial" else ""), flush=True)
+    pending = [c for c in trial_configs if c["trial_id"] not in kept]
+    return _run(grid, out, pending, kept, a)
 
 
-def _run(grid: Grid, out: Path, trial_configs: list[dict], a) -> int:
+def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict], a) -> int:
+    """Train ``trial_configs`` (the trials not yet finished) on Ray Tune; ``kept`` are the
+    finished rows of ``runs.csv``, written back unchanged."""
     import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from sweeps.progress import Progress
+    from sweeps.progress import Progress, RowWriter
 
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
@@ -124,48 +160,45 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], a) -> int:
         for c in trial_configs:
             c["out_dir"] = str(out / "trials" / c["trial_id"])
             c["platform"] = platform
+        writer = RowWriter(grid, out, kept, ray.__version__)
         trainable = tune.with_resources(train_trial, res)
         param_space = {"trial": tune.grid_search(trial_configs)}
+        # Each run is a fresh Tune experiment over the unfinished trials: finished ones come from
+        # runs.csv, and an interrupted trial resumes from its own checkpoint under trials/.
         exp = out / "ray" / EXPERIMENT
-        # SIGTERM stops like Ctrl-C: Tune saves its state, finished trials are written.
+        if exp.exists():
+            shutil.rmtree(exp)
+        # SIGTERM stops like Ctrl-C: Tune stops the trials, finished ones are already written.
         prev_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-        if tune.Tuner.can_restore(str(exp)):
-            tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True,
-                                       param_space=param_space)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    max_concurrent_trials=max_conc, reuse_actors=False,
-                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-                ),
-                run_config=tune.RunConfig(
-                    name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0,
-                    callbacks=[Progress(), JsonLoggerCallback(), CSVLoggerCallback()],
-                    failure_config=tune.FailureConfig(max_failures=0),
-                ),
-            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_conc, reuse_actors=False,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0,
+                callbacks=[Progress(), writer, JsonLoggerCallback(), CSVLoggerCallback()],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
         result_grid = tuner.fit()
-        errors = {}
         for r in result_grid:
             if r.error is not None:
                 lines = [ln for ln in str(r.error).strip().splitlines() if ln.strip()]
-                errors[r.config["trial"]["trial_id"]] = lines[-1].strip() if lines else repr(r.error)
-        ray_version = ray.__version__
+                writer.errors[r.config["trial"]["trial_id"]] = (lines[-1].strip() if lines
+                                                                else repr(r.error))
     finally:
         ray.shutdown()
         if "prev_sigterm" in locals():
             signal.signal(signal.SIGTERM, prev_sigterm)
-    return _write_results(grid, out, errors, ray_version)
+    return _write_results(writer)
 
 
-def _write_results(grid: Grid, out: Path, errors: dict[str, str], ray_version: str) -> int:
-    rows = build_rows(grid, lambda tid: out / "trials" / tid, errors, ray_version)
-    for r in rows:
-        write_curves(out, r["trial_id"], out / "trials" / r["trial_id"])
-    atomic_write(out / "runs.csv", to_csv(rows, LEAD_COLUMNS))
-    write_readme(out, grid, rows, command_line(), ray_version)
+def _write_results(writer) -> int:
+    out = writer.out
+    rows = writer.write()
     print("\n" + summary_table(rows) + "\n")
     many = [r["trial_id"] for r in rows if isinstance(r.get("epochs"), float) and r["epochs"] > 1]
     if many:

@@ -65,4 +65,9 @@ def train_trial(config: dict) -> None:
     if isinstance(record.get("tokens_per_s"), (int, float)):
         final["tokens_per_s"] = record["tokens_per_s"]
     final["step"], final["tokens"], final["done_record"] = record["steps"], record["tokens_seen"], 1
+    # The record and the metric curve travel with the last result, so the driver writes the
+    # trial's row and curve as soon as it finishes, from what Tune delivered.
+    final["record_json"] = json.dumps(record)
+    metrics = out_dir / "metrics.jsonl"
+    final["metrics_jsonl"] = metrics.read_text() if metrics.exists() else ""
     tune.report(final)
