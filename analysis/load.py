@@ -8,14 +8,17 @@ carried through untouched.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-# The minimum a runs.csv needs to be analysable at all; the rest is optional.
-REQUIRED_COLUMNS: tuple[str, ...] = ("trial_id", "status", "rho", "val_loss")
+# The minimum a runs.csv needs to be analysable at all; the rest is optional. ``seed`` and
+# ``budget`` identify which rows may be averaged or pooled, so a table without them is refused
+# rather than given a made-up seed or budget under which unrelated runs would be pooled.
+REQUIRED_COLUMNS: tuple[str, ...] = ("trial_id", "status", "rho", "val_loss", "seed", "budget")
 CURVE_COLUMNS: tuple[str, ...] = ("step", "tokens", "train_loss", "val_loss")
 NUMERIC_COLUMNS: tuple[str, ...] = (
     "rho", "rho_actual", "seed", "val_loss", "best_val_loss", "train_loss", "engram_slots",
@@ -27,6 +30,10 @@ NUMERIC_COLUMNS: tuple[str, ...] = (
 
 class ResultsError(ValueError):
     """A results directory or table is missing or malformed."""
+
+
+class ResultsWarning(UserWarning):
+    """A results file was skipped (for example a half-written curve); the message names it."""
 
 
 PathLike = str | os.PathLike
@@ -64,15 +71,19 @@ def _read_one(csv: Path) -> pd.DataFrame:
             f"{csv} lacks required column(s) {missing}; it has {list(df.columns)[:12]}... "
             "Regenerate it with the sweep runner or add the columns."
         )
-    # Fill the identifying columns older tables may lack, so grouping never drops rows.
+    # The grid is the directory's name when the table does not say (directory names are unique
+    # under a results root). A grid named by its base preset has an empty budget: it is labelled
+    # by its grid, so it is never pooled with another grid's runs.
     if "grid" not in df.columns:
         df["grid"] = csv.parent.name
     df["grid"] = df["grid"].fillna(csv.parent.name).astype(str)
-    if "budget" not in df.columns:
-        df["budget"] = "default"
-    df["budget"] = df["budget"].fillna("default").astype(str)
-    if "seed" not in df.columns:
-        df["seed"] = 0
+    no_budget = df["budget"].isna() | (df["budget"].astype(str).str.strip() == "")
+    df["budget"] = df["budget"].astype(str).where(~no_budget, "grid:" + df["grid"])
+    seeds = pd.to_numeric(df["seed"], errors="coerce")
+    bad = df.loc[seeds.isna() | (seeds != seeds.round()), "trial_id"].astype(str).tolist()
+    if bad:
+        raise ResultsError(f"{csv}: trial(s) {bad[:5]} have no integer seed; seeds decide which "
+                           "runs are averaged, so none is assumed")
     for col in NUMERIC_COLUMNS:
         if col in df.columns:
             df[col] = pd.to_numeric(df[col], errors="coerce")
@@ -94,11 +105,13 @@ def load_runs(paths: PathLike | Iterable[PathLike], *, keep_all: bool = False) -
 
     Returns:
         One row per trial with the runner's columns, plus ``compute`` (flops_per_token *
-        tokens_seen, when both exist) and ``source_dir``. Missing ``grid``/``budget``/``seed``
-        columns are filled from the directory name, "default" and 0.
+        tokens_seen, when both exist) and ``source_dir``. A missing ``grid`` column is the
+        directory's name; an empty ``budget`` (a grid named by its base preset) becomes
+        ``grid:<grid>``.
 
     Raises:
-        ResultsError: a path holds no runs.csv, or a table lacks the required columns.
+        ResultsError: a path holds no runs.csv, a table lacks a required column (seed and
+            budget included), or a trial has no integer seed.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -147,15 +160,24 @@ def load_curves(grid_dir: PathLike) -> pd.DataFrame:
     Returns:
         Columns trial_id, step, tokens, train_loss, val_loss (NaN where not evaluated), lr
         (when present). Empty (with those columns) when the grid has no curves.
+
+    Warns:
+        ResultsWarning: naming each curve file that is unreadable (e.g. half-written) or lacks
+            the curve columns; it is left out and the others are still read.
     """
     cdir = Path(grid_dir) / "curves"
     frames = []
     for f in sorted(cdir.glob("*.csv")) if cdir.is_dir() else []:
         try:
             c = pd.read_csv(f)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError):
-            continue  # a half-written curve should not stop the figures of the others
-        if not set(CURVE_COLUMNS) <= set(c.columns):
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            # a half-written curve should not stop the figures of the others, but it is named
+            warnings.warn(ResultsWarning(f"skipped unreadable curve {f}: {e}"), stacklevel=2)
+            continue
+        missing = [col for col in CURVE_COLUMNS if col not in c.columns]
+        if missing:
+            warnings.warn(ResultsWarning(f"skipped curve {f}: it lacks column(s) {missing}"),
+                          stacklevel=2)
             continue
         for col in c.columns:
             c[col] = pd.to_numeric(c[col], errors="coerce")

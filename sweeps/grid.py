@@ -285,10 +285,10 @@ def _resources(v, fail) -> str | dict[str, int]:
 
 
 def _check_corpus(spec: str, fail) -> None:
-    try:
-        from engram_jax.data import resolve_corpus
-    except ImportError:  # the input pipeline is optional for validation-only use
-        return
+    # Imported here (it pulls in the input pipeline) but never optional: a failed import is an
+    # error, not a grid that skips its corpus check.
+    from engram_jax.data import resolve_corpus
+
     try:
         resolve_corpus(spec)
     except (FileNotFoundError, ValueError) as e:

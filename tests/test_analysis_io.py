@@ -43,11 +43,39 @@ def test_status_filter_and_tolerance(tmp_path):
     gdir = synthetic.write_rho_grid(tmp_path, "g", seeds=1, curves=False)
     df = pd.read_csv(gdir / "runs.csv")
     df.loc[0, "status"], df.loc[1, "status"] = "error", "diverged"
-    df = df.drop(columns=["grid", "budget", "seed", "device_kind"]).assign(extra_col=1)
+    df = df.drop(columns=["grid", "device_kind"]).assign(extra_col=1, budget="")
     df.to_csv(gdir / "runs.csv", index=False)
     ok = load.load_runs(gdir)
-    assert len(ok) == 5 and set(ok["grid"]) == {"g"} and set(ok["budget"]) == {"default"}
+    # no grid column: the directory's name; an empty budget (a base-preset grid): its own label
+    assert len(ok) == 5 and set(ok["grid"]) == {"g"} and set(ok["budget"]) == {"grid:g"}
     assert len(load.load_runs(gdir, keep_all=True)) == 7
+
+
+@pytest.mark.parametrize("column", ["seed", "budget"])
+def test_missing_identifying_column_is_an_error(tmp_path, column):
+    """Without seed or budget, rows of unrelated runs could be averaged or pooled: refused."""
+    gdir = synthetic.write_rho_grid(tmp_path, "g", seeds=1, curves=False)
+    pd.read_csv(gdir / "runs.csv").drop(columns=[column]).to_csv(gdir / "runs.csv", index=False)
+    with pytest.raises(load.ResultsError, match=f"lacks required column.*{column}"):
+        load.load_runs(gdir)
+
+
+def test_trial_without_seed_is_an_error(tmp_path):
+    gdir = synthetic.write_rho_grid(tmp_path, "g", seeds=1, curves=False)
+    df = pd.read_csv(gdir / "runs.csv")
+    df["seed"] = df["seed"].astype(object)
+    df.loc[2, "seed"] = ""
+    df.to_csv(gdir / "runs.csv", index=False)
+    with pytest.raises(load.ResultsError, match=f"{df.loc[2, 'trial_id']}.*no integer seed"):
+        load.load_runs(gdir)
+
+
+def test_base_grids_are_not_pooled(tmp_path):
+    for name in ("a", "b"):
+        gdir = synthetic.write_rho_grid(tmp_path, name, seeds=1, curves=False)
+        pd.read_csv(gdir / "runs.csv").assign(budget="").to_csv(gdir / "runs.csv", index=False)
+    df = load.load_runs([tmp_path / "a", tmp_path / "b"])
+    assert df.groupby("budget")["grid"].nunique().max() == 1
 
 
 def test_missing_and_malformed(tmp_path):
@@ -122,3 +150,19 @@ def test_cli_plots(results, tmp_path):
     (bad / "runs.csv").write_text("trial_id,status\na,ok\n")
     r = _cli("plots", "--results", str(tmp_path / "badres"))
     assert r.returncode != 0 and "lacks required column" in r.stderr
+
+
+def test_unreadable_or_incomplete_curves_are_named(tmp_path):
+    gdir = synthetic.write_rho_grid(tmp_path, "g", seeds=1)
+    cdir = gdir / "curves"
+    n_good = len(list(cdir.glob("*.csv")))
+    assert n_good > 0
+    (cdir / "half.csv").write_bytes(b"\xff\xfe\x00garbage\x00\n\x01")
+    (cdir / "empty.csv").write_text("")
+    (cdir / "odd.csv").write_text("step,loss\n1,2.0\n")
+    with pytest.warns(load.ResultsWarning) as rec:
+        c = load.load_curves(gdir)
+    named = " ".join(str(w.message) for w in rec)
+    for f in ("half.csv", "empty.csv", "odd.csv"):
+        assert f in named, named
+    assert c["trial_id"].nunique() == n_good
