@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from engram_jax.config import ModelConfig, TrainConfig, preset
+from engram_jax.config import ModelConfig, TrainConfig, preset, train_dict
 from engram_jax.counting import flops_per_token, flops_per_token_6n
 
 
@@ -71,6 +71,10 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
               progress: bool = True, meta: dict | None = None) -> dict:
     """Train one model and return its result record (also written to ``out_dir/record.json``).
 
+    The steps, each a function below: ``_claim_out_dir`` (a finished run returns its record),
+    ``_Run.build`` (data, model, optimizer, checkpoint), ``_Run.train`` (the step loop with periodic
+    evaluation, metrics and checkpoints), ``_Run.final_eval`` and ``_Run.record``.
+
     Args:
       model_cfg, train_cfg: what to train and how.
       corpus: "pystdlib", "pysrc" or a path (see data.resolve_corpus).
@@ -83,15 +87,26 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
       TrainingDiverged: the loss became NaN/Inf (the message names the step).
       FileNotFoundError / ValueError: a missing or empty corpus, an out_dir holding another run.
     """
-    from engram_jax import data as data_lib
-    from engram_jax.checkpoint import Checkpointer
-    from engram_jax.model import HybridLM
-    from engram_jax.optim import TrainState, make_optimizer, make_steps, schedule
-
     t_start = time.time()
-    cfg, tcfg = resolve_dtype(model_cfg, train_cfg), train_cfg
+    cfg = resolve_dtype(model_cfg, train_cfg)
     out = Path(out_dir).absolute()
-    run_spec = {"model": cfg.to_dict(), "train": dataclasses.asdict(tcfg), "corpus": corpus}
+    done = _claim_out_dir(cfg, train_cfg, corpus, out)
+    if done is not None:
+        return done
+    run = _Run.build(cfg, train_cfg, corpus, out, progress=progress)
+    run.train(report)
+    val_loss, val_tokens = run.final_eval()
+    record = run.record(val_loss, val_tokens, meta, t_start)
+    if record["epochs"] > 1.0:
+        print(f"WARNING: this trial saw its training split {record['epochs']:.2f} times; hashed "
+              "n-gram tables can memorise a corpus seen many times", file=sys.stderr)
+    _atomic_write(out / "record.json", json.dumps(record, indent=1))
+    return record
+
+
+def _claim_out_dir(cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path) -> dict | None:
+    """The stored record if ``out`` holds this finished run; refuses a directory of another run."""
+    run_spec = {"model": cfg.to_dict(), "train": train_dict(tcfg), "corpus": corpus}
     cfg_path = out / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
@@ -100,155 +115,197 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
                              "directory (nothing was changed)")
         if (out / "record.json").exists():
             return json.loads((out / "record.json").read_text())
-
-    data = data_lib.prepare(corpus, cfg.vocab_size, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(cfg_path, json.dumps(run_spec, indent=1, sort_keys=True))
-    hash_fn = data_lib.make_hash_fn(cfg.engram, data, cfg.vocab_size) if cfg.engram else None
+    return None
 
-    model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed))
-    store = None
-    if cfg.engram is not None and cfg.engram.offload:
-        from engram_jax.offload import HostTables
 
-        store = HostTables(model, tcfg)  # tables + their Adam state in host memory
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    del model
-    tx = make_optimizer(tcfg, clip=store is None)
-    state = TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))
-    ckpt = Checkpointer(out / "ckpt")
-    state, start = ckpt.restore_latest(state)
-    if store is not None and start > 0:
-        store.restore(out / "host_tables", start)
-    train_step, eval_step = make_steps(graphdef, cfg, tcfg, tx)
+class _Run:
+    """One trial's live objects: data, jitted steps, state, checkpoints and the metrics log."""
 
-    T, B = cfg.seq_len, tcfg.batch_size
-    val = data_lib.eval_batches(data.val_tokens, batch_size=B, seq_len=T,
-                                n_batches=tcfg.eval_batches, hash_fn=hash_fn)
-    val = [jax.device_put(b) for b in val]
+    @classmethod
+    def build(cls, cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path, *,
+              progress: bool) -> _Run:
+        """Data (tokenizer, shards, hashing), model and optimizer state, restored from the
+        latest checkpoint in ``out`` if there is one."""
+        from engram_jax import data as data_lib
+        from engram_jax.checkpoint import Checkpointer
+        from engram_jax.model import HybridLM
+        from engram_jax.optim import TrainState, make_optimizer, make_steps, schedule
 
-    def evaluate(st) -> float:
+        self = cls()
+        self.cfg, self.tcfg, self.corpus, self.out, self.progress = cfg, tcfg, corpus, out, progress
+        self.data = data_lib.prepare(corpus, cfg.vocab_size, progress=progress)
+        self.hash_fn = data_lib.make_hash_fn(cfg.engram, self.data, cfg.vocab_size) if cfg.engram else None
+        model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed))
+        self.store = None
+        if cfg.engram is not None and cfg.engram.offload:
+            from engram_jax.offload import HostTables
+
+            self.store = HostTables(model, tcfg)  # tables + their Adam state in host memory
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        del model
+        tx = make_optimizer(tcfg, clip=self.store is None)
+        state = TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))
+        self.ckpt = Checkpointer(out / "ckpt")
+        self.state, self.start = self.ckpt.restore_latest(state)
+        if self.store is not None and self.start > 0:
+            self.store.restore(out / "host_tables", self.start)
+        self.train_step, self.eval_step = make_steps(graphdef, cfg, tcfg, tx)
+        self.lr_at = schedule(tcfg, tcfg.lr)
+        self.val = self._eval_set(tcfg.eval_batches)
+        self.metrics_path = out / "metrics.jsonl"
+        self.rows = _read_metrics(self.metrics_path, self.start)
+        _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.tokens_timed, self.seconds_timed = 0, 0.0
+        return self
+
+    def _eval_set(self, n_batches: int) -> list[dict]:
+        from engram_jax import data as data_lib
+
+        B, T = self.tcfg.batch_size, self.cfg.seq_len
+        val = data_lib.eval_batches(self.data.val_tokens, batch_size=B, seq_len=T,
+                                    n_batches=n_batches, hash_fn=self.hash_fn)
+        return [jax.device_put(b) for b in val]
+
+    def evaluate(self, batches: list[dict]) -> float:
+        """Mean loss over ``batches`` (every batch has the same number of tokens)."""
+        st, store = self.state, self.store
         if store is not None:  # the current host rows, gathered now
-            return float(np.mean([float(eval_step(st, {**b, "memory": store.gather(
-                store.rows(b["hash_ids"]))})) for b in val]))
-        return float(np.mean([float(eval_step(st, b)) for b in val]))
+            return float(np.mean([float(self.eval_step(st, {**b, "memory": store.gather(
+                store.rows(b["hash_ids"]))})) for b in batches]))
+        return float(np.mean([float(self.eval_step(st, b)) for b in batches]))
 
-    metrics_path = out / "metrics.jsonl"
-    rows = _read_metrics(metrics_path, start)
-    _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-    best_val = min((r["val_loss"] for r in rows if r.get("val_loss") is not None), default=math.inf)
-    lr_at = schedule(tcfg, tcfg.lr)
-
-    if start == 0:
-        v0 = evaluate(state)
-        best_val = v0
-        rows.append({"step": 0, "tokens": 0, "train_loss": None, "val_loss": v0, "lr": 0.0})
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
-
-    batches = data_lib.BatchIterator(data.train_tokens, batch_size=B, seq_len=T, seed=tcfg.seed,
-                                     hash_fn=hash_fn, start_step=start, prefetch=tcfg.prefetch,
-                                     post_fn=store.prefetch if store is not None else None)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
-                   dynamic_ncols=True)
-    pending = None  # (step, metrics) of the previous step, read a step late
-    timed_tokens, timed_s, t_mark = 0, 0.0, None
-    last_train = math.nan
-
-    def flush(step: int, m, val_loss: float | None):
-        nonlocal last_train
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step}: training diverged; lower the learning rate "
-                f"(lr={tcfg.lr}) or raise warmup_steps ({tcfg.warmup_steps})")
-        last_train = loss
-        tps = timed_tokens / timed_s if timed_s > 0 else None
-        row = {"step": step, "tokens": step * B * T, "train_loss": loss, "val_loss": val_loss,
-               "lr": float(lr_at(step - 1)), "tokens_per_s": tps,
-               "grad_norm": float(m["grad_norm"])}
-        if "max_load" in m:
-            row["max_load"] = float(m["max_load"])
-        with metrics_path.open("a") as f:
+    def _log(self, row: dict, report) -> None:
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if report is not None:
             report({k: v for k, v in row.items() if v is not None})
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.3f}", val=f"{best_val:.3f}")
 
-    try:
-        for step in range(start + 1, tcfg.steps + 1):
-            batch = next(batches)
-            if t_mark is None and step > start + 1:
-                t_mark = time.perf_counter()  # skip the compiling first step
-            if store is None:
-                state, m = train_step(state, batch)
-            else:
-                rows = store.refresh(batch)
-                state, m = train_step(state, batch)
-                store.apply(rows, m.pop("memory_grad"))
-            if pending is not None and pending[0] % tcfg.log_every == 0:
-                flush(pending[0], pending[1], None)
-            pending = (step, m)
-            if t_mark is not None:
-                timed_tokens += B * T
-            is_eval = step % tcfg.eval_every == 0 or step == tcfg.steps
-            if is_eval or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0):
-                jax.block_until_ready(m["loss"])
-                if t_mark is not None:
-                    timed_s += time.perf_counter() - t_mark
-                v = evaluate(state) if is_eval else None
-                if v is not None:
-                    best_val = min(best_val, v)
-                ckpt.save(step, state)  # before reporting: a report marks a resumable step
-                if store is not None:
-                    store.save(out / "host_tables", step)
-                flush(step, m, v)
-                pending = None
-                t_mark = time.perf_counter()
+    def train(self, report) -> None:
+        """Steps ``start + 1 .. steps``: metrics read a step late, evaluation and a checkpoint every
+        ``eval_every`` steps (and at the end), throughput timed without the compiling step."""
+        from engram_jax import data as data_lib
+
+        tcfg, store = self.tcfg, self.store
+        B, T = tcfg.batch_size, self.cfg.seq_len
+        best_val = min((r["val_loss"] for r in self.rows if r.get("val_loss") is not None),
+                       default=math.inf)
+        if self.start == 0:
+            best_val = self.evaluate(self.val)
+            self._log({"step": 0, "tokens": 0, "train_loss": None, "val_loss": best_val, "lr": 0.0},
+                      None)
+        batches = data_lib.BatchIterator(
+            self.data.train_tokens, batch_size=B, seq_len=T, seed=tcfg.seed, hash_fn=self.hash_fn,
+            start_step=self.start, prefetch=tcfg.prefetch,
+            post_fn=store.prefetch if store is not None else None)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tcfg.steps, initial=self.start, desc="train", unit="step",
+                       file=sys.stderr, dynamic_ncols=True)
+        pending = None  # (step, metrics) of the previous step, read a step late
+        t_mark = None
+
+        def flush(step: int, m, val_loss: float | None):
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {step}: training diverged; lower the learning rate "
+                    f"(lr={tcfg.lr}) or raise warmup_steps ({tcfg.warmup_steps})")
+            tps = self.tokens_timed / self.seconds_timed if self.seconds_timed > 0 else None
+            row = {"step": step, "tokens": step * B * T, "train_loss": loss, "val_loss": val_loss,
+                   "lr": float(self.lr_at(step - 1)), "tokens_per_s": tps,
+                   "grad_norm": float(m["grad_norm"])}
+            if "max_load" in m:
+                row["max_load"] = float(m["max_load"])
+            self._log(row, report)
             if bar is not None:
-                bar.update(1)
-    finally:
-        batches.close()
-        if bar is not None:
-            bar.close()
-        ckpt.wait()  # an interrupted run still leaves its last checkpoint complete
-    final = _read_metrics(metrics_path, tcfg.steps)
-    evals = [r for r in final if r.get("val_loss") is not None]
-    final_val = evals[-1]["val_loss"]
-    trains = [r for r in final if r.get("train_loss") is not None]
-    counts = cfg.param_counts()
-    tokens_seen = tcfg.steps * B * T
-    record = {
-        "status": "ok", **(meta or {}),
-        "config_json": cfg.to_json(), "config_hash": cfg.hash(),
-        **{f"params_{k}": v for k, v in counts.items()},
-        "n_routed": cfg.moe.n_routed if cfg.moe else 0,
-        "top_k": cfg.moe.top_k if cfg.moe else 0,
-        "engram_slots": sum(cfg.engram.rows().values()) if cfg.engram else 0,
-        "engram_layers": ",".join(map(str, cfg.engram.layer_ids)) if cfg.engram else "",
-        "flops_per_token": flops_per_token(cfg), "flops_per_token_6n": flops_per_token_6n(cfg),
-        "steps": tcfg.steps, "batch_size": B, "seq_len": T, "lr": tcfg.lr,
-        "tokens_seen": tokens_seen, "train_tokens": int(data.n_train_tokens),
-        "epochs": data_lib.epochs(tokens_seen, data),
-        "train_loss": trains[-1]["train_loss"] if trains else last_train,
-        "val_loss": final_val, "best_val_loss": min(r["val_loss"] for r in evals),
-        "tokens_per_s": timed_tokens / timed_s if timed_s > 0 else None,
-        "wall_s": time.time() - t_start, "device_kind": jax.devices()[0].device_kind,
-        "platform": jax.default_backend(), "git_commit": _git_commit(),
-        "jax_version": jax.__version__, "flax_version": __import__("flax").__version__,
-        "optax_version": __import__("optax").__version__,
-        "corpus": corpus, "corpus_fingerprint": data.fingerprint,
-    }
-    if record["epochs"] > 1.0:
-        print(f"WARNING: this trial saw its training split {record['epochs']:.2f} times; hashed "
-              "n-gram tables can memorise a corpus seen many times", file=sys.stderr)
-    _atomic_write(out / "record.json", json.dumps(record, indent=1))
-    return record
+                bar.set_postfix(loss=f"{loss:.3f}", val=f"{best_val:.3f}")
+
+        try:
+            for step in range(self.start + 1, tcfg.steps + 1):
+                batch = next(batches)
+                if t_mark is None and step > self.start + 1:
+                    t_mark = time.perf_counter()  # skip the compiling first step
+                if store is None:
+                    self.state, m = self.train_step(self.state, batch)
+                else:
+                    rows = store.refresh(batch)
+                    self.state, m = self.train_step(self.state, batch)
+                    store.apply(rows, m.pop("memory_grad"))
+                if pending is not None and pending[0] % tcfg.log_every == 0:
+                    flush(pending[0], pending[1], None)
+                pending = (step, m)
+                if t_mark is not None:
+                    self.tokens_timed += B * T
+                is_eval = step % tcfg.eval_every == 0 or step == tcfg.steps
+                if is_eval or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0):
+                    jax.block_until_ready(m["loss"])
+                    if t_mark is not None:
+                        self.seconds_timed += time.perf_counter() - t_mark
+                    v = self.evaluate(self.val) if is_eval else None
+                    if v is not None:
+                        best_val = min(best_val, v)
+                    self.ckpt.save(step, self.state)  # before reporting: a report marks a resumable step
+                    if store is not None:
+                        store.save(self.out / "host_tables", step)
+                    flush(step, m, v)
+                    pending = None
+                    t_mark = time.perf_counter()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            batches.close()
+            if bar is not None:
+                bar.close()
+            self.ckpt.wait()  # an interrupted run still leaves its last checkpoint complete
+
+    def final_eval(self) -> tuple[float, int]:
+        """(loss, tokens) of the final evaluation: ``final_eval_tokens`` of the validation split
+        (the whole split if smaller), or the periodic evaluation set when that is 0."""
+        tcfg = self.tcfg
+        per_batch = tcfg.batch_size * self.cfg.seq_len
+        if tcfg.final_eval_tokens == 0:
+            last = [r for r in _read_metrics(self.metrics_path, tcfg.steps) if r.get("val_loss") is not None]
+            return last[-1]["val_loss"], len(self.val) * per_batch
+        batches = self._eval_set(math.ceil(tcfg.final_eval_tokens / per_batch))
+        return self.evaluate(batches), len(batches) * per_batch
+
+    def record(self, val_loss: float, val_tokens: int, meta: dict | None, t_start: float) -> dict:
+        """The trial's result row (design.md, "Results records")."""
+        from engram_jax import data as data_lib
+
+        cfg, tcfg = self.cfg, self.tcfg
+        final = _read_metrics(self.metrics_path, tcfg.steps)
+        evals = [r for r in final if r.get("val_loss") is not None]
+        trains = [r for r in final if r.get("train_loss") is not None]
+        counts = cfg.param_counts()
+        tokens_seen = tcfg.steps * tcfg.batch_size * cfg.seq_len
+        return {
+            "status": "ok", **(meta or {}),
+            "config_json": cfg.to_json(), "config_hash": cfg.hash(),
+            **{f"params_{k}": v for k, v in counts.items()},
+            "n_routed": cfg.moe.n_routed if cfg.moe else 0,
+            "top_k": cfg.moe.top_k if cfg.moe else 0,
+            "engram_slots": sum(cfg.engram.rows().values()) if cfg.engram else 0,
+            "engram_layers": ",".join(map(str, cfg.engram.layer_ids)) if cfg.engram else "",
+            "flops_per_token": flops_per_token(cfg), "flops_per_token_6n": flops_per_token_6n(cfg),
+            "steps": tcfg.steps, "batch_size": tcfg.batch_size, "seq_len": cfg.seq_len, "lr": tcfg.lr,
+            "tokens_seen": tokens_seen, "train_tokens": int(self.data.n_train_tokens),
+            "epochs": data_lib.epochs(tokens_seen, self.data),
+            "train_loss": trains[-1]["train_loss"] if trains else None,
+            "val_loss": val_loss, "val_tokens": val_tokens,
+            "best_val_loss": min([r["val_loss"] for r in evals] + [val_loss]),
+            "tokens_per_s": self.tokens_timed / self.seconds_timed if self.seconds_timed > 0 else None,
+            "wall_s": time.time() - t_start, "device_kind": jax.devices()[0].device_kind,
+            "platform": jax.default_backend(), "git_commit": _git_commit(),
+            "jax_version": jax.__version__, "flax_version": __import__("flax").__version__,
+            "optax_version": __import__("optax").__version__,
+            "corpus": self.corpus, "corpus_fingerprint": self.data.fingerprint,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
