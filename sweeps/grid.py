@@ -200,9 +200,10 @@ def load_grid(path: str | Path, *, check_corpus: bool = True) -> Grid:
         v = train_base.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise fail(f"{k} must be a positive integer, got {v!r}")
-    tokens = raw.get("tokens")
-    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or tokens <= 0):
-        raise fail(f"tokens must be a positive number, got {tokens!r}")
+    tokens = _number(raw.get("tokens"))
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, (int, float))
+                               or not math.isfinite(tokens) or tokens <= 0):
+        raise fail(f"tokens must be a positive number, got {raw.get('tokens')!r}")
 
     corpus = str(raw.get("corpus", budget.corpus if budget else "pystdlib"))
     resources = _resources(raw.get("resources", "auto"), fail)
@@ -259,6 +260,16 @@ def load_grid(path: str | Path, *, check_corpus: bool = True) -> Grid:
             trials.append(TrialSpec(tid, cfg, tcfg, corpus, meta))
     return Grid(name=name, path=path, budget=budget.name if budget else None, preset=preset_name,
                 corpus=corpus, resources=resources, trials=tuple(trials), raw=raw)
+
+
+def _number(v: Any) -> Any:
+    """PyYAML (YAML 1.1) reads ``2.0e+6`` as a float but ``2.0e6`` and ``5e6`` as strings: accept both."""
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            return v
+    return v
 
 
 def _mapping(raw: dict, key: str, fail) -> dict:

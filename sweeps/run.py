@@ -160,6 +160,7 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
         for c in trial_configs:
             c["out_dir"] = str(out / "trials" / c["trial_id"])
             c["platform"] = platform
+            c["cpus"] = res["cpu"]
         writer = RowWriter(grid, out, kept, ray.__version__)
         trainable = tune.with_resources(train_trial, res)
         param_space = {"trial": tune.grid_search(trial_configs)}

@@ -16,14 +16,17 @@ import tempfile
 from pathlib import Path
 
 
+CPU_SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def spec_to_config(spec) -> dict:
     """The JSON-able trial description that Tune's param_space carries (see ``run.py``)."""
-    import dataclasses
+    from engram_jax.config import train_dict
 
     return {
         "trial_id": spec.trial_id,
         "model": spec.model.to_dict(),
-        "train": dataclasses.asdict(spec.train),
+        "train": train_dict(spec.train),
         "corpus": spec.corpus,
         "meta": spec.meta,
     }
@@ -34,6 +37,10 @@ def train_trial(config: dict) -> None:
     platform ("cpu" or "cuda")."""
     t = config["trial"]
     os.environ["JAX_PLATFORMS"] = t["platform"]
+    if t["platform"] == "cpu" and t.get("cpus") == 1 and "XLA_FLAGS" not in os.environ:
+        # One CPU per trial: XLA's CPU backend would otherwise start a thread per core in every
+        # trial; trials side by side ran faster single-threaded (results/bench/README.md).
+        os.environ["XLA_FLAGS"] = CPU_SINGLE_THREAD_FLAGS
     logging.getLogger("ray").setLevel(logging.WARNING)  # no line per saved Tune checkpoint
     from ray import tune
 

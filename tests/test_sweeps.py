@@ -262,3 +262,14 @@ def test_hard_killed_grid_continues_on_a_fresh_checkout(corpus, tmp_path, ray_en
     assert not (out / "trials" / "rho1.00-s0").exists()  # the finished trial did not train again
     assert (out / "curves" / "rho1.00-s0.csv").read_bytes() == first_curve
     assert (out / "curves" / "rho0.60-s0.csv").exists()
+
+
+@pytest.mark.parametrize("text", ["2.0e6", "2e6", "2000000", "2.0e+6"])
+def test_token_budget_in_exponent_notation(tmp_path, text):
+    g = tmp_path / "t.yaml"
+    g.write_text(f"base: smoke\nrho: [1.0]\ntokens: {text}\nbatch_size: 4\n")
+    grid = load_grid(g, check_corpus=False)
+    assert grid.trials[0].train.steps == math.ceil(2e6 / (4 * 64))
+    g.write_text("base: smoke\nrho: [1.0]\ntokens: lots\n")
+    with pytest.raises(GridError, match="tokens must be a positive number, got 'lots'"):
+        load_grid(g, check_corpus=False)
