@@ -32,6 +32,7 @@ from engram_jax.hashing import head_primes
 
 TOLERANCE = 0.02  # allowed relative change of total and active parameters vs the base
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+LADDER_RHOS = DEFAULT_RHOS  # cpu-1e12's 48-wide experts cannot reach 0.3 within the 2% tolerance
 MIN_ROWS_PER_HEAD = 2  # the smallest prime: a head needs at least this many rows
 _DENSE_SHARE = 0.015  # default_engram keeps Engram dense params <= 1.5% of the base's active
 
@@ -268,6 +269,24 @@ BUDGETS: dict[str, Budget] = {
             # 6.9k tokens/s: measured for trials that ran alone (results/cpu-small-seeds).
             corpus="pystdlib", device="cpu", corpus_tokens=3.8e6, cpu_tokens_per_s=6.9e3,
             description="a real (small) allocation curve on a 2-core CPU in about 20 minutes",
+        ),
+        # The paper-regime ladder: D = 40 P_act training tokens (the paper: ~100), P_tot/P_act
+        # ~9.7, E0 - k = 40, 3 seeds, pysrc at vocabulary 512 (130M training tokens: each trial
+        # sees under 0.07 of it). Learning rates: the best of the lr-<budget> grids at rho = 1.
+        *(
+            Budget(
+                name=name, preset=name, rhos=LADDER_RHOS, seeds=(0, 1, 2), steps=steps,
+                batch_size=32, lr=lr, warmup_steps=warmup,
+                train=(("eval_every", steps // 4 + 1), ("eval_batches", 4), ("log_every", 10),
+                       ("final_eval_tokens", 1 << 20)),
+                corpus="pysrc", device="cpu", corpus_tokens=1.3e8, cpu_tokens_per_s=tps,
+                description=desc,
+            )
+            for name, steps, warmup, lr, tps, desc in (
+                ("cpu-1e12", 627, 30, 4e-3, 15e3, "C = 1.0e12: 64k active, 2.6M tokens"),
+                ("cpu-3e12", 1096, 55, 4e-3, 13e3, "C = 3.0e12: 112k active, 4.5M tokens"),
+                ("cpu-1e13", 2068, 100, 4e-3, 9e3, "C = 1.1e13: 212k active, 8.5M tokens"),
+            )
         ),
         Budget(
             name="gpu-s", preset="gpu-s", seeds=(0, 1), steps=1600, batch_size=64, lr=2e-3,

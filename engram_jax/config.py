@@ -292,6 +292,21 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=2048, d_model=128, n_layers=4, n_heads=4, d_ff=256, seq_len=128,
         moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=128),
     ),
+    # The paper-regime CPU ladder (allocation.BUDGETS "cpu-1e12" .. "cpu-1e13"): P_tot/P_act ~ 9.7,
+    # 40 tokens per active parameter, named by C = 6 P_act D. Vocabulary 512 keeps the embedding
+    # and LM head from dominating the compute of such small models.
+    "cpu-1e12": ModelConfig(
+        vocab_size=512, d_model=48, n_layers=2, n_heads=4, d_ff=96, seq_len=128,
+        moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=48),
+    ),
+    "cpu-3e12": ModelConfig(
+        vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=128, seq_len=128,
+        moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=64),
+    ),
+    "cpu-1e13": ModelConfig(
+        vocab_size=512, d_model=72, n_layers=3, n_heads=4, d_ff=144, seq_len=128,
+        moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=72),
+    ),
     "gpu-s": ModelConfig(
         vocab_size=8192, d_model=512, n_layers=8, n_heads=8, d_ff=1536, seq_len=512,
         moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=512),

@@ -258,6 +258,10 @@ def load_grid(path: str | Path, *, check_corpus: bool = True) -> Grid:
                 "sweep_key": skey_ or "", "sweep_value": "" if skey_ is None else _fmt(sval),
             }
             trials.append(TrialSpec(tid, cfg, tcfg, corpus, meta))
+    # Seed-major order (every point of seed 0, then of seed 1 ...): a grid stopped part-way still
+    # holds whole curves of its first seeds.
+    order = {s: i for i, s in enumerate(seeds)}
+    trials.sort(key=lambda t: order[t.train.seed])  # stable: point order within a seed
     return Grid(name=name, path=path, budget=budget.name if budget else None, preset=preset_name,
                 corpus=corpus, resources=resources, trials=tuple(trials), raw=raw)
 

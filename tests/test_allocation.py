@@ -162,3 +162,24 @@ def test_budget_ladder_lists_every_budget():
     table = budget_ladder()
     for name in BUDGETS:
         assert f"| {name} |" in table
+
+
+def test_paper_regime_ladder_shape():
+    """The cpu-1e12 .. cpu-1e13 rungs: shaped like the paper's budgets and trained in its regime."""
+    ladder = [b for n, b in BUDGETS.items() if n.startswith("cpu-1e") or n.startswith("cpu-3e")]
+    assert len(ladder) >= 3
+    compute = []
+    for b in ladder:
+        base = b.base()
+        c = base.param_counts()
+        assert 8 <= c["p_tot"] / c["active"] <= 12, b.name
+        assert (base.moe.n_routed - base.moe.top_k) % 10 == 0, b.name
+        assert b.tokens() >= 30 * c["active"], b.name
+        assert b.corpus == "pysrc" and len(b.seeds) == 3 and min(b.rhos) <= 0.4 and 1.0 in b.rhos
+        C = 6 * c["active"] * b.tokens()
+        mantissa, exponent = b.name.removeprefix("cpu-").split("e")
+        assert abs(math.log10(C) - math.log10(float(mantissa) * 10 ** int(exponent))) < 0.1, (b.name, C)
+        compute.append(C)
+        for rho in b.rhos:  # every point realised within the tolerance, on whole experts
+            assert abs(allocate(base, rho).param_counts()["rho"] - rho) < 0.01
+    assert max(compute) / min(compute) >= 10

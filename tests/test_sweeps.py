@@ -126,9 +126,9 @@ def test_token_budget_and_train_sweeps_expand(tmp_path):
     g.write_text("base: smoke\nrho: [0.8]\ntokens: 10000\nbatch_size: 4\nseeds: [0, 1]\n"
                  "sweep: {train.lr: [0.001, 0.003]}\n")
     grid = load_grid(g, check_corpus=False)
-    assert grid.trial_ids == ["lr0.001-s0", "lr0.001-s1", "lr0.003-s0", "lr0.003-s1"]
+    assert grid.trial_ids == ["lr0.001-s0", "lr0.003-s0", "lr0.001-s1", "lr0.003-s1"]  # seed-major
     assert {t.train.steps for t in grid.trials} == {math.ceil(10000 / (4 * 64))}
-    assert [t.train.lr for t in grid.trials] == [0.001, 0.001, 0.003, 0.003]
+    assert [t.train.lr for t in grid.trials] == [0.001, 0.003, 0.001, 0.003]
     assert all(t.model.moe.n_routed == 34 and t.meta["rho"] == 0.8 for t in grid.trials)
 
 
