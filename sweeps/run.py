@@ -46,7 +46,9 @@ _GITIGNORE = "# checkpoints and Ray state stay out of git; runs.csv, curves/ and
 for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
                "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
                "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-               "TUNE_MAX_PENDING_TRIALS_PG": "1", "RAY_DEDUP_LOGS": "0"}.items():
+               "TUNE_MAX_PENDING_TRIALS_PG": "1", "RAY_DEDUP_LOGS": "0",
+               # Ray runs workers at nice 15 by default; a trial is the work, not a background job.
+               "RAY_worker_niceness": "0"}.items():
     os.environ.setdefault(_k, _v)
 
 
