@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 # bf16 dense matmul peak measured with JAX on the H100 (8192^3, median of repeats).
 H100_BF16_PEAK_FLOPS = 664e12
-COLUMNS = ("name", "config", "value", "unit", "target", "ratio", "status", "device", "backend",
-           "jax_version", "git_commit", "date")
+COLUMNS = ("name", "config", "value", "unit", "target", "ratio", "status", "run", "device",
+           "backend", "jax_version", "git_commit", "date")
 
 
 def device_kind() -> str:
@@ -66,14 +66,16 @@ class Peak:
     label: str
 
 
-def reference_peak(dtype: str, *, cpu_matmul_n: int) -> Peak:
-    """GPU: the measured H100 bf16 peak (only valid on an H100); CPU: an f32 matmul measured now."""
+def reference_peak(dtype: str, *, cpu_matmul_n: tuple[int, ...]) -> Peak:
+    """GPU: the measured H100 bf16 peak (only valid on an H100); CPU: the best f32 matmul of the
+    sizes ``cpu_matmul_n``, measured now."""
     kind = device_kind().lower()
     if jax.default_backend() == "gpu" and "h100" in kind and dtype == "bfloat16":
         return Peak(H100_BF16_PEAK_FLOPS, "H100 bf16 matmul 664 TFLOP/s (measured, gpu README)")
     if jax.default_backend() == "cpu":
-        f = matmul_peak(cpu_matmul_n, jnp.float32)
-        return Peak(f, f"this CPU's f32 matmul {cpu_matmul_n}^3 measured in this run")
+        f, n = max((matmul_peak(n, jnp.float32), n) for n in cpu_matmul_n)
+        return Peak(f, f"this CPU's best f32 matmul of n = {cpu_matmul_n} (n = {n}) measured in "
+                       "this run")
     f = matmul_peak(8192, jnp.dtype(dtype))
     return Peak(f, f"{dtype} matmul 8192^3 measured in this run on {device_kind()}")
 
@@ -110,17 +112,23 @@ class Results:
 
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    run_id: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).strftime(
+        "%Y%m%dT%H%M%S"))
 
     def add(self, *rows: Row) -> None:
         self.rows.extend(rows)
 
     def write(self, out_dir: Path, git_commit: str) -> Path:
-        """Merge into ``out_dir/<device-slug>.csv``: rows of this run replace same (name, config)."""
+        """Merge into ``out_dir/<device-slug>.csv``: rows of this run replace same (name, config).
+
+        Every row carries its run's id (``run``, the start time); each run writes its own
+        ``reference_peak_tflops`` row, which all of that run's ratios are taken against.
+        """
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{device_slug()}.csv"
-        ctx = {"device": device_kind(), "backend": jax.default_backend(),
-               "jax_version": jax.__version__, "git_commit": git_commit,
-               "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        ctx = {"run": self.run_id, "device": device_kind(), "backend": jax.default_backend(),
+               "jax_version": jax.__version__, "git_commit": git_commit, "date": now}
         new = [{"name": r.name, "config": r.config, "value": _fmt(r.value), "unit": r.unit,
                 "target": r.target, "ratio": _fmt(r.ratio), "status": r.status, **ctx}
                for r in self.rows]
@@ -128,7 +136,10 @@ class Results:
         old = []
         if path.exists():
             with path.open() as f:
-                old = [r for r in csv.DictReader(f) if (r["name"], r["config"]) not in keys]
+                old = [r for r in csv.DictReader(f) if (r["name"], r["config"]) not in keys
+                       and "run" in r]  # rows of a file written before runs were named: dropped
+            live = {r["run"] for r in old if r["name"] != "reference_peak_tflops"}
+            old = [r for r in old if r["name"] != "reference_peak_tflops" or r["run"] in live]
         with path.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()

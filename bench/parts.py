@@ -171,7 +171,7 @@ def train_rows(cfg: ModelConfig, tcfg: TrainConfig, it_factory, peak: Peak, t: T
         s_syn = timeit(synthetic, repeats=t.repeats, warmup=2, inner=t.inner)
         s_real = timeit(real, repeats=t.repeats, warmup=1, inner=t.inner)
         s_syn2 = timeit(synthetic, repeats=t.repeats, warmup=0, inner=t.inner)
-        s_syn = min(s_syn, s_syn2)  # bracket the real-pipeline run against drift
+        s_syn = (s_syn + s_syn2) / 2  # medians before and after the real-pipeline run (drift)
     finally:
         it.close()
     fpt = flops_per_token(cfg)

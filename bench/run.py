@@ -7,7 +7,8 @@ take / scatter-add ceilings, the host input pipeline and the real pipeline vs a 
 batch; ``--only offload`` compares host-offloaded Engram tables with device-resident ones.
 
 Sizes: ``full`` = the GPU presets gpu-s and gpu-m at their budgets' batch sizes (default on a GPU);
-``small`` = cpu-small (default on the CPU, a few minutes on 2 cores); ``tiny`` = smoke (tests).
+``small`` = cpu-small (default on the CPU, a few minutes on 2 cores, plus the ``grid`` part: a
+two-trial grid of every CPU budget, ``bench/grid.py``, about ten minutes); ``tiny`` = smoke (tests).
 Writes ``<out>/<device-kind-slug>.csv`` (rows of this run replace rows with the same name and
 config) and prints a table last. MFU is against the H100's measured bf16 peak on an H100 and
 against an f32 matmul measured in the same run on a CPU (the table's header says which).
@@ -28,7 +29,7 @@ from bench.parts import Timing, attention_rows, engram_rows, moe_rows, pipeline_
 from engram_jax.allocation import BUDGETS, allocate
 from engram_jax.config import TrainConfig, preset
 
-PARTS = ("train", "attention", "moe", "engram", "pipeline", "offload")
+PARTS = ("train", "attention", "moe", "engram", "pipeline", "grid", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +38,19 @@ class Size:
     batch_size: int | None  # None: the budget's batch size
     repeats: int
     inner: int
-    cpu_matmul_n: int
+    cpu_matmul_n: tuple[int, ...]  # the CPU peak is the best f32 matmul of these sizes
     corpus: str | None  # None: the budget's corpus
     offload_steps: int
     offload_max_doublings: int
 
 
 SIZES = {
-    "full": Size(("gpu-s", "gpu-m"), None, 10, 5, 4096, None, 20, 8),
-    "small": Size(("cpu-small",), 8, 3, 2, 1024, "pystdlib", 4, 3),
-    "tiny": Size(("smoke",), 2, 2, 1, 256, "pystdlib", 2, 1),
+    "full": Size(("gpu-s", "gpu-m"), None, 10, 5, (4096,), None, 20, 8),
+    "small": Size(("cpu-small",), 8, 5, 2, (1024, 2048), "pystdlib", 4, 3),
+    "tiny": Size(("smoke",), 2, 3, 1, (256,), "pystdlib", 2, 1),
 }
+# The grid part (CPU only): which budgets, at what share of their steps, on which corpus.
+GRID_SIZES = {"small": (None, 0.25, None), "tiny": (("smoke",), 0.25, "pystdlib")}
 
 
 def configs(name: str, size: Size, dtype: str):
@@ -73,9 +76,19 @@ def run(size_name: str, only: str | None, out: Path | None, corpus: str | None =
     res = Results()
     res.notes.append(f"peak for MFU and achieved/peak: {peak.label} = {peak.flops / 1e12:.4g} "
                      "TFLOP/s")
-    res.add(Row("reference_peak_tflops", f"run:{only or 'all'}", peak.flops / 1e12, "TFLOP/s"))
+    # One peak per run: every ratio of this run's rows is taken against this row (same `run`).
+    res.add(Row("reference_peak_tflops", f"run:{res.run_id}", peak.flops / 1e12, "TFLOP/s"))
     t = Timing(size.repeats, size.inner)
     want = (lambda p: p == only) if only else (lambda p: p != "offload")
+    if want("grid") and jax.default_backend() == "cpu" and size_name in GRID_SIZES:
+        # First, while nothing else of this run holds the cores: it runs trials in subprocesses.
+        from bench.grid import grid_rows
+
+        budgets, frac, grid_corpus = GRID_SIZES[size_name]
+        res.add(*grid_rows(peak, budgets=list(budgets) if budgets else None, steps_fraction=frac,
+                           corpus=corpus or grid_corpus))
+    if only == "grid":
+        want = lambda p: False  # noqa: E731
     for name in size.presets:
         tps = {}
         for tag, cfg, tcfg, corp in configs(name, size, dtype):

@@ -2,6 +2,7 @@
 trains to the same loss as the device-resident path at the bench's config."""
 
 import csv
+from pathlib import Path
 import dataclasses
 import math
 
@@ -62,3 +63,47 @@ def _tcfg():
 def test_small_cpu_bench(tmp_path):
     run("small", None, tmp_path)
     assert all(math.isfinite(float(r["value"])) for r in _rows(next(tmp_path.glob("*.csv"))))
+
+
+def _consistent(rows):
+    """Every ratio of a run recomputed from that run's own rows and its one peak row."""
+    peaks = {r["run"]: float(r["value"]) for r in rows if r["name"] == "reference_peak_tflops"}
+    assert len(peaks) == len({r["run"] for r in rows}), "one peak row per run"
+    by = {(r["run"], r["name"], r["config"]): float(r["value"]) for r in rows}
+    for r in rows:
+        peak = peaks[r["run"]]
+        if r["unit"] == "TFLOP/s" and r["name"] != "reference_peak_tflops":
+            assert float(r["ratio"]) == pytest.approx(float(r["value"]) / peak, rel=2e-3), r
+        if r["name"] == "mfu":
+            tps = by[(r["run"], "train_tokens_per_s", r["config"])]
+            fpt = by[(r["run"], "model_flops_per_token", r["config"])]
+            assert float(r["value"]) == pytest.approx(tps * fpt / (peak * 1e12), rel=2e-3), r
+        if r["name"] == "hybrid_over_moe_tokens_per_s":
+            moe = by[(r["run"], "train_tokens_per_s", f"{r['config']}@rho=1.0")]
+            hyb = by[(r["run"], "train_tokens_per_s", f"{r['config']}@rho=0.8")]
+            assert float(r["value"]) == pytest.approx(hyb / moe, rel=2e-3), r
+        if r["name"] == "grid_hybrid_over_moe_tokens_per_s":
+            moe = by[(r["run"], "grid_trial_tokens_per_s", f"{r['config']}@rho=1.0")]
+            hyb = by[(r["run"], "grid_trial_tokens_per_s", f"{r['config']}@rho=0.8")]
+            assert float(r["value"]) == pytest.approx(hyb / moe, rel=2e-3), r
+        if r["target"]:
+            op, bound = r["target"].split()
+            ok = float(r["ratio"]) <= float(bound) if op == "<=" else float(r["ratio"]) >= float(bound)
+            assert r["status"] == ("pass" if ok else "fail"), r
+
+
+def test_committed_cpu_bench_is_internally_consistent():
+    path = Path(__file__).resolve().parent.parent / "results" / "bench" / "cpu.csv"
+    _consistent(_rows(path))
+
+
+def test_tiny_bench_with_a_grid_is_consistent_and_keeps_other_runs(tmp_path):
+    """Two runs into one file: each keeps its own peak, every ratio recomputes from its rows."""
+    run("tiny", "offload", tmp_path)
+    run("tiny", "grid", tmp_path)
+    rows = _rows(next(tmp_path.glob("*.csv")))
+    assert len({r["run"] for r in rows}) == 2
+    names = {r["name"] for r in rows}
+    assert {"grid_mfu", "grid_model_tflops", "grid_wall_s", "offloaded_tokens_per_s"} <= names
+    assert {r["config"] for r in rows if r["name"] == "grid_mfu"} == {"smoke@2x1cpu", "smoke@1x2cpu"}
+    _consistent(rows)

@@ -1,0 +1,116 @@
+"""The ``grid`` part of ``make bench``: whole-grid model FLOP/s of the CPU budgets.
+
+A trial's step time says little about what a science campaign costs: Ray start-up, data loading,
+compilation, the periodic and final evaluations and two trials sharing the machine all count. So
+for each CPU budget this part runs a real two-trial grid (rho 1.0 and 0.8, the budget's own
+settings, a quarter of its steps) end to end with ``python -m sweeps.run`` in a subprocess and
+times it from start to exit. Model FLOP/s = the sum over its trials of tokens x
+``flops_per_token()`` (training FLOPs only: evaluation and compilation are overhead) divided by
+that wall time; grid MFU is that over the reference peak of the run (the best f32 matmul of
+n = 1024 and 2048 on a CPU).
+
+Placement is measured on the smallest ladder budget both ways: two single-threaded trials side by
+side (``resources: {cpu: 1}``, the shipped grids) and one trial at a time with both cores
+(``{cpu: 2}``, XLA's default threading).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.common import Peak, Row, target_row
+from engram_jax.allocation import BUDGETS
+
+REPO = Path(__file__).resolve().parent.parent
+# Targets of the throughput issue: the largest CPU budget's grid at >= 0.40 of the matmul peak,
+# the smallest at >= 0.25; hybrid trials at >= 0.97x the pure MoE's tokens/s.
+MFU_TARGET_LARGEST, MFU_TARGET_OTHERS = 0.40, 0.25
+
+
+def cpu_budgets() -> list[str]:
+    """CPU budgets, smallest compute per trial first."""
+    cpu = [b for b in BUDGETS.values() if b.device == "cpu"]
+    cpu.sort(key=lambda b: b.tokens() * b.base().flops_per_token())
+    return [b.name for b in cpu]
+
+
+def run_grid(budget: str, *, placement: str, steps_fraction: float, workdir: Path,
+             corpus: str | None = None) -> dict:
+    """Run the two-trial grid of ``budget`` and return its timing and rows.
+
+    Args:
+      placement: "2x1" (two single-threaded trials side by side) or "1x2" (one trial at a time
+        with two cores).
+      steps_fraction: share of the budget's steps each trial trains.
+      corpus: override the budget's corpus (tests use a small one).
+
+    Returns:
+      {"wall_s", "rows": runs.csv rows, "flops": training FLOPs of the grid}.
+    """
+    b = BUDGETS[budget]
+    cpus = {"2x1": 1, "1x2": 2}[placement]
+    name = f"bench-{budget}-{placement}"
+    grid = {
+        "name": name, "budget": budget, "rho": [1.0, 0.8], "seeds": [0],
+        "steps": max(1, math.ceil(b.steps * steps_fraction)),
+        "resources": {"cpu": cpus, "gpu": 0},
+    }
+    if corpus is not None:
+        grid["corpus"] = corpus
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "sweeps.run", str(path), "--results", str(workdir / "results"),
+           "--num-cpus", "2"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench grid {name} failed (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    with (workdir / "results" / name / "runs.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    flops = sum(float(r["tokens_seen"]) * float(r["flops_per_token"]) for r in rows)
+    return {"wall_s": wall, "rows": rows, "flops": flops}
+
+
+def grid_rows(peak: Peak, *, budgets: list[str] | None = None, steps_fraction: float = 0.25,
+              corpus: str | None = None) -> list[Row]:
+    """Rows per budget: wall time, model TFLOP/s (ratio = grid MFU, held to its target) and
+    hybrid/MoE tokens/s; for the smallest budget also the one-trial-with-two-cores placement."""
+    budgets = budgets or cpu_budgets()
+    ladder = cpu_budgets()
+    largest = max(budgets, key=ladder.index)
+    out: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-grid-") as d:
+        work = Path(d)
+        for i, budget in enumerate(budgets):
+            placements = ("2x1", "1x2") if i == 0 else ("2x1",)
+            for placement in placements:
+                tag = f"{budget}@{placement}cpu"
+                g = run_grid(budget, placement=placement, steps_fraction=steps_fraction,
+                             workdir=work, corpus=corpus)
+                fps = g["flops"] / g["wall_s"]
+                mfu = fps / peak.flops
+                bound = MFU_TARGET_LARGEST if budget == largest else MFU_TARGET_OTHERS
+                out += [
+                    Row("grid_wall_s", tag, g["wall_s"], "s"),
+                    Row("grid_model_tflops", tag, fps / 1e12, "TFLOP/s", ratio=mfu),
+                    target_row("grid_mfu", tag, mfu, ">=", bound, value=mfu, unit="fraction"),
+                ]
+                tps = {float(r["rho"]): float(r["tokens_per_s"]) for r in g["rows"]}
+                out.append(Row("grid_trial_tokens_per_s", f"{tag}@rho=1.0", tps[1.0], "tok/s"))
+                out.append(Row("grid_trial_tokens_per_s", f"{tag}@rho=0.8", tps[0.8], "tok/s"))
+                out.append(target_row("grid_hybrid_over_moe_tokens_per_s", tag, tps[0.8] / tps[1.0],
+                                      ">=", 0.97))
+    return out
