@@ -1,0 +1,310 @@
+"""The budget ladder's answers: how the allocation curve and its optimum move with compute.
+
+engram-paper.md section 2 measures the allocation curve at two budgets (2e20 and 6e20 FLOPs) and
+calls the optimum "stable". Here, for every budget of a ladder of allocation grids:
+
+* ``rho*`` with its interval from :func:`analysis.fit.fit_u_curve`, or its plain answer "no
+  interior optimum";
+* the gain of the best measured point over the pure MoE, ``L(1.0) - L(best)``, with a seed-level
+  bootstrap interval and in units of the seed standard deviation (pooled over rho);
+
+and across budgets (compute ``C = 6 P_act D``, the paper's convention, with ``P_act`` the pure
+MoE's active parameters and ``D`` the training tokens):
+
+* ``rho*`` against ``log10 C`` with an interval on the slope (:func:`fit_optimum_vs_compute`);
+* loss against ``C`` at rho = 1 and at each budget's best rho, and the gain against ``C``, each a
+  power law ``y = a C^b`` fitted in log-log space, with intervals from a bootstrap that resamples
+  seeds within every (budget, rho) cell, so the whole chain (means, best rho, fit) is redone;
+* that gain law extrapolated to the paper's budgets, beside the paper's measured gains. Over seven
+  decades an extrapolation from one decade says little: its interval is the honest part.
+
+No JAX here: everything comes from ``runs.csv`` tables.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.fit import fit_optimum_vs_compute, fit_u_curve
+
+# The paper's gains of the best rho over rho = 1 (engram-paper.md section 2): 1.7248 -> 1.7109 at
+# 6e20 [paper, text]; ~1.829 -> ~1.8155 at 2e20 [read off the figure].
+PAPER_GAINS = {2e20: 1.829 - 1.8155, 6e20: 1.7248 - 1.7109}
+NAN = float("nan")
+
+
+def allocation_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The finished allocation-grid trials (a rho, no swept key) with ``C`` = 6 P_act(rho=1) D."""
+    d = runs[(runs["status"] == "ok") & runs["rho"].notna()].copy()
+    if "sweep_key" in d.columns:
+        d = d[d["sweep_key"].fillna("").astype(str).isin(["", "rho"])]  # not lr or memory sweeps
+    if d.empty:
+        return d.assign(C=pd.Series(dtype=float))
+    base_active = d[d["rho"] == 1.0].groupby("budget")["params_active"].median()
+    fallback = d.groupby("budget")["params_active"].median()
+    act = d["budget"].map(base_active).fillna(d["budget"].map(fallback))
+    d["C"] = 6.0 * act * d["tokens_seen"]
+    return d.reset_index(drop=True)
+
+
+def _cell_means(d: pd.DataFrame, rng: np.random.Generator | None) -> pd.DataFrame:
+    """Mean loss per (budget, rho); with ``rng``, of a resample of the seeds in each cell."""
+    if rng is None:
+        return d.groupby(["budget", "rho"])["val_loss"].mean().reset_index()
+    parts = []
+    for (b, r), g in d.groupby(["budget", "rho"]):
+        v = g["val_loss"].to_numpy()
+        parts.append((b, r, float(np.mean(v[rng.integers(0, len(v), len(v))]))))
+    return pd.DataFrame(parts, columns=["budget", "rho", "val_loss"])
+
+
+def _gains(means: pd.DataFrame) -> pd.DataFrame:
+    """Per budget: L(1.0), the best rho, L(best) and the gain L(1.0) - L(best)."""
+    rows = []
+    for b, g in means.groupby("budget"):
+        one = g.loc[g["rho"] == 1.0, "val_loss"]
+        best = g.loc[g["val_loss"].idxmin()]
+        l1 = float(one.iloc[0]) if len(one) else NAN
+        rows.append({"budget": b, "L1": l1, "best_rho": float(best["rho"]),
+                     "L_best": float(best["val_loss"]), "gain": l1 - float(best["val_loss"])})
+    return pd.DataFrame(rows)
+
+
+def _loglog(C: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(log10 a, b) of y = a C^b by least squares in log-log space; NaN if any y <= 0."""
+    if len(C) < 2 or np.any(~np.isfinite(y)) or np.any(y <= 0):
+        return NAN, NAN
+    b, loga = np.polyfit(np.log10(C), np.log10(y), 1)
+    return float(loga), float(b)
+
+
+def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                  extrapolate_to: tuple[float, ...] = (2e20, 6e20)) -> dict[str, Any]:
+    """Every answer of the ladder from a runs table (several grids pooled).
+
+    Args:
+        runs: rows of ``analysis.load.load_runs`` over the ladder's allocation grids.
+        n_boot: bootstrap replicates (seeds resampled within each budget and rho).
+        seed, level: bootstrap generator seed and interval level.
+        extrapolate_to: compute values at which the gain law is evaluated.
+
+    Returns:
+        ``per_budget`` (DataFrame: budget, C, n_rho, n_seeds, L1, best_rho, L_best, gain and its
+        interval, seed_sd, gain_sd (gain / seed_sd), rho_star, ci_low, ci_high, is_u_shaped,
+        reason, l_star, dl_star (L(rho*) - L(1.0) or, without an interior optimum, L(best) -
+        L(1.0)) and dl_star_sd (that in seed standard deviations)), ``fits`` (per budget, the
+        fit_u_curve dicts), ``optimum_vs_compute`` (fit_optimum_vs_compute), ``laws`` ({"L1",
+        "L_best", "gain"}: log10 a, b, and their intervals), ``extrapolation`` (DataFrame: C,
+        gain and interval, the paper's gain) and ``gain_trend`` (a sentence).
+    """
+    d = allocation_runs(runs)
+    out: dict[str, Any] = {"per_budget": pd.DataFrame(), "fits": {}, "laws": {},
+                           "optimum_vs_compute": {}, "extrapolation": pd.DataFrame(),
+                           "gain_trend": "no budgets"}
+    if d.empty:
+        return out
+    z_lo, z_hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    budgets = d.groupby("budget")["C"].median().sort_values()
+    point = _gains(_cell_means(d, None)).set_index("budget").loc[budgets.index]
+    rng = np.random.default_rng(seed)
+    boot = [_gains(_cell_means(d, rng)).set_index("budget").loc[budgets.index]
+            for _ in range(n_boot)]
+
+    rows = []
+    for b, C in budgets.items():
+        g = d[d["budget"] == b]
+        f = fit_u_curve(g, n_boot=n_boot, seed=seed, level=level)
+        out["fits"][b] = f
+        sd = float(np.sqrt(g.groupby("rho")["val_loss"].var(ddof=1).dropna().mean()))
+        gains = np.array([bt.loc[b, "gain"] for bt in boot])
+        p = point.loc[b]
+        dl = (f["l_star"] - p["L1"]) if f["is_u_shaped"] else (p["L_best"] - p["L1"])
+        rows.append({
+            "budget": b, "C": float(C), "n_rho": g["rho"].nunique(),
+            "n_seeds": int(g.groupby("rho")["seed"].nunique().min()),
+            "L1": p["L1"], "best_rho": p["best_rho"], "L_best": p["L_best"], "gain": p["gain"],
+            "gain_lo": float(np.percentile(gains, z_lo)) if n_boot else NAN,
+            "gain_hi": float(np.percentile(gains, z_hi)) if n_boot else NAN,
+            "seed_sd": sd, "gain_sd": p["gain"] / sd if sd > 0 else NAN,
+            "rho_star": f["rho_star"], "ci_low": f["ci_low"], "ci_high": f["ci_high"],
+            "is_u_shaped": f["is_u_shaped"], "reason": f["reason"], "l_star": f["l_star"],
+            "dl_star": dl, "dl_star_sd": dl / sd if sd > 0 else NAN,
+        })
+    per = pd.DataFrame(rows)
+    out["per_budget"] = per
+    out["optimum_vs_compute"] = fit_optimum_vs_compute(
+        d.assign(compute=d["C"]), n_boot=n_boot, seed=seed, level=level)
+
+    Cs = per["C"].to_numpy()
+    for key in ("L1", "L_best", "gain"):
+        est = _loglog(Cs, per[key].to_numpy())
+        reps = np.array([_loglog(Cs, bt[key].to_numpy()) for bt in boot]) if n_boot else np.empty((0, 2))
+        ok = reps[np.all(np.isfinite(reps), axis=1)] if len(reps) else reps
+        law = {"log10_a": est[0], "b": est[1], "n_boot_ok": len(ok), "n_boot": n_boot,
+               "b_ci": (float(np.percentile(ok[:, 1], z_lo)), float(np.percentile(ok[:, 1], z_hi)))
+               if len(ok) else (NAN, NAN), "boot": ok}
+        out["laws"][key] = law
+
+    gain = out["laws"]["gain"]
+    ext = []
+    for C in extrapolate_to:
+        pred = 10 ** (gain["boot"][:, 0] + gain["boot"][:, 1] * math.log10(C)) if len(gain["boot"]) else np.array([])
+        ext.append({"C": C, "gain": 10 ** (gain["log10_a"] + gain["b"] * math.log10(C))
+                    if math.isfinite(gain["b"]) else NAN,
+                    "lo": float(np.percentile(pred, z_lo)) if len(pred) else NAN,
+                    "hi": float(np.percentile(pred, z_hi)) if len(pred) else NAN,
+                    "paper": PAPER_GAINS.get(C, NAN), "decades": math.log10(C / Cs.max())})
+    out["extrapolation"] = pd.DataFrame(ext)
+    out["gain_trend"] = _trend(per, gain, level)
+    return out
+
+
+def _trend(per: pd.DataFrame, gain: dict, level: float) -> str:
+    if len(per) < 2:
+        return "one budget: no trend"
+    if not math.isfinite(gain["b"]):
+        return "the gain is not positive at every budget: no power law"
+    lo, hi = gain["b_ci"]
+    share = gain["n_boot_ok"] / max(gain["n_boot"], 1)
+    word = ("grows" if lo > 0 else "shrinks" if hi < 0 else "neither grows nor shrinks significantly")
+    return (f"Engram's gain {word} with compute: gain ~ C^{gain['b']:.3f} "
+            f"({level:.0%} interval of the exponent [{lo:.3f}, {hi:.3f}]; "
+            f"{share:.0%} of bootstrap replicates had a positive gain at every budget)")
+
+
+def report_markdown(rep: dict[str, Any]) -> str:
+    """The ladder's answers as Markdown tables (the README's results section is built from it)."""
+    per = rep["per_budget"]
+    if per.empty:
+        return "no allocation grids with finished trials"
+    lines = ["| budget | C = 6 P_act D | rho values x seeds | L(1.0) | best rho | L(best) "
+             "| gain L(1.0) - L(best) [95%] | seed sd | rho* [95%] | L(rho*) - L(1.0) in seed sd |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in per.itertuples():
+        rho = (f"{r.rho_star:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" if r.is_u_shaped
+               else f"no interior optimum ({r.reason})")
+        lines.append(
+            f"| {r.budget} | {r.C:.3g} | {r.n_rho} x {r.n_seeds} | {r.L1:.4f} | {r.best_rho:.1f} "
+            f"| {r.L_best:.4f} | {r.gain:.4f} [{r.gain_lo:.4f}, {r.gain_hi:.4f}] | {r.seed_sd:.4f} "
+            f"| {rho} | {r.dl_star_sd:+.1f} |")
+    ovc = rep["optimum_vs_compute"]
+    lines += ["", "rho* against compute: " + (
+        f"rho* = {ovc['a']:.3f} + {ovc['b']:.3f} log10 C, slope 95% interval "
+        f"[{ovc['b_ci'][0]:.3f}, {ovc['b_ci'][1]:.3f}] per decade" if ovc.get("ok") and
+        math.isfinite(ovc.get("b_se", NAN)) else
+        (f"slope {ovc['b']:.3f} per decade (no interval: {ovc['reason']})" if ovc.get("ok")
+         else f"not fitted ({ovc.get('reason', '')})"))]
+    lines += ["", "| law (y = a C^b) | b | 95% interval of b |", "|---|---|---|"]
+    names = {"L1": "loss at rho = 1.0", "L_best": "loss at the best rho", "gain": "gain"}
+    for k, law in rep["laws"].items():
+        lines.append(f"| {names[k]} | {law['b']:.4f} | [{law['b_ci'][0]:.4f}, {law['b_ci'][1]:.4f}] |")
+    lines += ["", rep["gain_trend"] + ".", "",
+              "| C | extrapolated gain [95%] | decades beyond the ladder | paper |", "|---|---|---|---|"]
+    for r in rep["extrapolation"].itertuples():
+        lines.append(f"| {r.C:.0e} | {r.gain:.4f} [{r.lo:.4f}, {r.hi:.4f}] | {r.decades:.1f} "
+                     f"| {r.paper:.4f} |")
+    return "\n".join(lines)
+
+
+def plot_ladder(runs: pd.DataFrame, rep: dict[str, Any]):
+    """Three panels: (a) every budget's allocation curve on one axes (seed means with standard
+    errors, fitted curves, rho* with its interval), (b) rho* against C with the fitted line,
+    (c) the gain against C with its power law, extrapolated to the paper's budgets beside the
+    paper's gains. Returns the (unsaved) figure."""
+    import matplotlib.pyplot as plt
+
+    from analysis import style
+
+    d = allocation_runs(runs)
+    per = rep["per_budget"]
+    with style.context():
+        fig, (a, b, c) = plt.subplots(1, 3, figsize=(style.FULL_WIDTH, style.FULL_WIDTH * 0.34))
+        colours = plt.get_cmap(style.CMAP)(np.linspace(0.1, 0.85, max(len(per), 1)))
+        for colour, r in zip(colours, per.itertuples()):
+            g = d[d["budget"] == r.budget].groupby("rho")["val_loss"]
+            m, se = g.mean(), g.sem()
+            a.errorbar(m.index, m.values, yerr=se.values, fmt="o", ms=2.5, color=colour, capsize=1.5,
+                       lw=0.8, label=f"{r.budget} (C = {r.C:.2g})")
+            f = rep["fits"][r.budget]
+            if f["is_u_shaped"]:
+                a.plot(f["curve_x"], f["curve_y"], color=colour, lw=0.9)
+                a.errorbar([f["rho_star"]], [f["l_star"]],
+                           xerr=[[f["rho_star"] - f["ci_low"]], [f["ci_high"] - f["rho_star"]]],
+                           fmt="D", ms=3, color=colour, capsize=1.5, lw=0.8)
+        a.set_xlabel(r"allocation ratio $\rho$")
+        a.set_ylabel("validation loss")
+        a.set_title("(a) allocation curves", fontsize=7)
+        a.legend(fontsize=5.5, loc="upper center")
+
+        u = per[per["is_u_shaped"]]
+        b.errorbar(u["C"], u["rho_star"], yerr=[u["rho_star"] - u["ci_low"], u["ci_high"] - u["rho_star"]],
+                   fmt="D", ms=3, color=style.OPTIMUM, capsize=2, lw=0.8, label=r"$\rho^*$ [95%]")
+        for r in per[~per["is_u_shaped"]].itertuples():
+            b.annotate("no interior\noptimum", (r.C, 0.5), fontsize=5, ha="center", color="0.4")
+        ovc = rep["optimum_vs_compute"]
+        if ovc.get("ok"):
+            xx = np.logspace(np.log10(per["C"].min()) - 0.1, np.log10(per["C"].max()) + 0.1, 50)
+            b.plot(xx, ovc["a"] + ovc["b"] * np.log10(xx), color=style.FIT, lw=0.9,
+                   label=f"slope {ovc['b']:+.3f}/decade")
+        b.axhspan(0.75, 0.8, color="0.85", lw=0, zorder=0, label="paper: 0.75-0.8")
+        b.set_xscale("log")
+        b.set_ylim(0.25, 1.05)
+        b.set_xlabel("compute C = 6 $P_{act}$ D (FLOPs)")
+        b.set_ylabel(r"$\rho^*$")
+        b.set_title(r"(b) optimum against compute", fontsize=7)
+        b.legend(fontsize=5.5)
+
+        c.errorbar(per["C"], per["gain"], yerr=[per["gain"] - per["gain_lo"], per["gain_hi"] - per["gain"]],
+                   fmt="o", ms=3, color=style.DATA, capsize=2, lw=0.8, label="ladder [95%]")
+        law, ext = rep["laws"]["gain"], rep["extrapolation"]
+        if math.isfinite(law["b"]) and len(ext):
+            xx = np.logspace(np.log10(per["C"].min()) - 0.2, np.log10(ext["C"].max()) + 0.1, 100)
+            c.plot(xx, 10 ** (law["log10_a"] + law["b"] * np.log10(xx)), color=style.FIT, lw=0.9,
+                   label=f"gain ~ C^{law['b']:.2f}")
+            c.errorbar(ext["C"], ext["gain"], yerr=[ext["gain"] - ext["lo"], ext["hi"] - ext["gain"]],
+                       fmt="s", ms=2.5, color=style.FIT, capsize=2, lw=0.6, mfc="white",
+                       label="extrapolated [95%]")
+        c.plot(list(PAPER_GAINS), list(PAPER_GAINS.values()), "*", color=style.OPTIMUM, ms=6,
+               label="paper")
+        c.set_xscale("log")
+        c.set_yscale("log")
+        c.set_xlabel("compute C (FLOPs)")
+        c.set_ylabel(r"gain $L(1.0) - L(\rho_{best})$")
+        c.set_title("(c) Engram's gain against compute", fontsize=7)
+        c.legend(fontsize=5.5)
+        fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m analysis.ladder GRID_DIR ... [--out results/figures]``: print the answers,
+    save ``ladder.pdf/png``."""
+    import argparse
+
+    from analysis import load, plots
+
+    ap = argparse.ArgumentParser(prog="python -m analysis.ladder", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grids", nargs="+", help="results/<grid> directories of the ladder's budgets")
+    ap.add_argument("--out", default=None, help="save the figure here (e.g. results/figures)")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    a = ap.parse_args(argv)
+    try:
+        runs = load.load_runs(a.grids)
+    except load.ResultsError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    rep = ladder_report(runs, n_boot=a.n_boot)
+    print(report_markdown(rep))
+    if a.out:
+        for p in plots.save(plot_ladder(runs, rep), a.out, "ladder"):
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The ladder's answers on synthetic grids with a known optimum and known gains."""
+
+import numpy as np
+import pytest
+
+from analysis import load, synthetic
+from analysis.ladder import PAPER_GAINS, ladder_report, main, report_markdown
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ladder")
+    return load.load_runs(synthetic.write_rho_grid(root, "fake", budgets=("small", "medium", "large"),
+                                                   rho_star=0.78))
+
+
+def test_ladder_report_recovers_the_truth(runs):
+    rep = ladder_report(runs, n_boot=150)
+    per = rep["per_budget"]
+    assert list(per["budget"]) == ["small", "medium", "large"]  # by compute
+    assert (per["C"].diff().dropna() > 0).all()
+    # C = 6 P_act D of the synthetic budgets
+    want = {b: 6 * p * t for b, (p, t, _) in synthetic.BUDGETS.items()}
+    assert np.allclose(per.set_index("budget")["C"], [want[b] for b in per["budget"]])
+    for r in per.itertuples():
+        assert r.is_u_shaped and r.ci_low <= 0.78 <= r.ci_high, r
+        assert r.gain_lo <= r.gain <= r.gain_hi and r.gain > 0
+        assert r.n_rho == 7 and r.n_seeds == 3
+    # The synthetic loss falls with compute: negative exponents with intervals around them.
+    for key in ("L1", "L_best"):
+        lo, hi = rep["laws"][key]["b_ci"]
+        assert lo <= rep["laws"][key]["b"] <= hi < 0
+    ovc = rep["optimum_vs_compute"]
+    assert ovc["ok"] and ovc["b_ci"][0] <= 0 <= ovc["b_ci"][1]  # the true optimum does not move
+    ext = rep["extrapolation"]
+    assert list(ext["C"]) == list(PAPER_GAINS) and (ext["lo"] <= ext["gain"]).all()
+    assert (ext["gain"] <= ext["hi"]).all() and (ext["decades"] > 3).all()
+    text = report_markdown(rep)
+    assert "| small |" in text and "rho* against compute" in text and "6e+20" in text
+
+
+def test_flat_budget_answers_no_interior_optimum(tmp_path):
+    grid = synthetic.write_rho_grid(tmp_path, "flat", budgets=("small",), shape="flat")
+    rep = ladder_report(load.load_runs(grid), n_boot=100)
+    r = rep["per_budget"].iloc[0]
+    assert not r["is_u_shaped"] and np.isnan(r["rho_star"])
+    assert "no interior optimum" in report_markdown(rep)
+
+
+def test_cli_writes_the_figure(runs, tmp_path, capsys):
+    grid = synthetic.write_rho_grid(tmp_path, "fake", budgets=("small", "medium"))
+    assert main([str(grid), "--out", str(tmp_path / "fig"), "--n-boot", "50"]) == 0
+    assert (tmp_path / "fig" / "ladder.png").exists()
+    assert "| medium |" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing")]) == 2
