@@ -52,8 +52,9 @@ for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": 
     os.environ.setdefault(_k, _v)
 
 
-def finished_rows(out: Path, grid: Grid) -> dict[str, dict]:
-    """The rows of ``runs.csv`` whose trial finished (status ok), by trial id, as written.
+def finished_rows(out: Path, grid: Grid, *, strict: bool = True) -> dict[str, dict]:
+    """The rows of ``runs.csv`` whose trial finished (status ok), by trial id, as written; with
+    ``strict=False`` also those whose trial the grid no longer has.
 
     Raises SystemExit (exit 3) when a finished row's model config hash or seed is not the one the
     grid file now asks for: continuing would mix two versions of the grid.
@@ -70,6 +71,8 @@ def finished_rows(out: Path, grid: Grid) -> dict[str, dict]:
     for r in rows:
         spec = specs.get(r.get("trial_id"))
         if spec is None:
+            if not strict:
+                kept[r["trial_id"]] = r
             continue
         if r.get("config_hash") != spec.model.hash() or str(r.get("seed")) != str(spec.train.seed):
             print(f"refusing: {runs} has a finished row for {r['trial_id']} with config hash "
@@ -79,6 +82,26 @@ def finished_rows(out: Path, grid: Grid) -> dict[str, dict]:
             raise SystemExit(3)
         kept[r["trial_id"]] = r
     return kept
+
+
+def _incompatible(out: Path, grid: Grid, trial_configs: list[dict]) -> str:
+    """Why the grid file cannot continue the run in ``out`` ("" if it can).
+
+    A grid may gain trials (more seeds, more points): the new ones run, the rest continue. It may
+    not change a trial it shares with the run, nor drop a finished one (its row would be lost).
+    """
+    path = out / "grid.json"
+    if not path.exists():
+        return ""
+    old = {c["trial_id"]: c for c in json.loads(path.read_text())}
+    new = {c["trial_id"]: c for c in json.loads(json.dumps(trial_configs))}
+    changed = sorted(t for t in set(old) & set(new) if old[t] != new[t])
+    if changed:
+        return f"trial(s) {', '.join(changed)} changed"
+    dropped = sorted(set(finished_rows(out, grid, strict=False)) - set(new))
+    if dropped:
+        return f"finished trial(s) {', '.join(dropped)} no longer in the grid"
+    return ""
 
 
 def grid_state(out: Path, grid: Grid) -> str:
@@ -118,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
               "scratch", file=sys.stderr)
         return 3
     if state == "partial" and not a.force:
-        old = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else None
-        if old is not None and old != json.loads(json.dumps(trial_configs)):
+        why = _incompatible(out, grid, trial_configs)
+        if why:
             print(f"refusing: {out} holds an unfinished run of a different version of grid "
-                  f"{grid.name!r}; restore the grid file to resume, or pass --force to start over",
-                  file=sys.stderr)
+                  f"{grid.name!r} ({why}); restore the grid file to resume, or pass --force to "
+                  "start over", file=sys.stderr)
             return 3
     if a.force:
         for name in _OWNED:

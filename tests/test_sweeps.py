@@ -7,6 +7,7 @@ at a time, on a small corpus of text files written to a temporary directory.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -273,3 +274,34 @@ def test_token_budget_in_exponent_notation(tmp_path, text):
     g.write_text("base: smoke\nrho: [1.0]\ntokens: lots\n")
     with pytest.raises(GridError, match="tokens must be a positive number, got 'lots'"):
         load_grid(g, check_corpus=False)
+
+
+def test_a_grid_may_gain_trials_but_not_change_or_drop_finished_ones(tmp_path, corpus):
+    """Continuing a run: new points or seeds are allowed; a changed or dropped trial is refused."""
+    from sweeps.results import LEAD_COLUMNS, build_rows, to_csv
+    from sweeps.run import _incompatible, main
+    from sweeps.trainable import spec_to_config
+
+    def grid_file(text):
+        p = tmp_path / "micro.yaml"
+        p.write_text(text)
+        return p, load_grid(p)
+
+    out = tmp_path / "results" / "micro"
+    out.mkdir(parents=True)
+    path, g = grid_file(MICRO.format(corpus=corpus))
+    (out / "grid.json").write_text(json.dumps([spec_to_config(t) for t in g.trials]))
+    rows = build_rows(g, {}, {}, "x")
+    rows[0].update(status="ok", val_loss=1.0)  # rho1.00-s0 finished
+    (out / "runs.csv").write_text(to_csv(rows, LEAD_COLUMNS))
+
+    _, more = grid_file(MICRO.format(corpus=corpus).replace("seeds: [0]", "seeds: [0, 1]"))
+    assert _incompatible(out, more, [spec_to_config(t) for t in more.trials]) == ""
+    _, changed = grid_file(MICRO.format(corpus=corpus).replace("steps: 4", "steps: 5"))
+    assert "changed" in _incompatible(out, changed, [spec_to_config(t) for t in changed.trials])
+    path, dropped = grid_file(MICRO.format(corpus=corpus).replace("rho: [1.0, 0.6]", "rho: [0.6]"))
+    why = _incompatible(out, dropped, [spec_to_config(t) for t in dropped.trials])
+    assert "rho1.00-s0 no longer in the grid" in why
+    before = _snapshot(out)
+    assert main([str(path), "--results", str(tmp_path / "results")]) == 3
+    assert _snapshot(out) == before
