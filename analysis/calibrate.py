@@ -178,10 +178,10 @@ def _readme(out: Path, args, wall: float, table: pd.DataFrame, comp: pd.DataFram
   {wall / 60:.1f} min wall
 
 ## Families (`analysis/synthetic.py`, `FAMILIES`)
-- symmetric: parabola plus a quartic term, rho* in [0.5, 0.8]
-- asym-steep-right / asym-steep-left: L0 + A (exp(c u) - 1 - c u), u = rho - rho*, |c| in
-  [6, 14] (one side 3-15x steeper at |u| = 0.2, rise there 0.015-0.06); rho* in [0.55, 0.85] /
-  [0.45, 0.75]
+- symmetric: A (cosh(c u) - 1), u = rho - rho*, c in [1, 10] (a parabola for small c, flat
+  bottom and steep walls for large c), rise 0.012-0.04 at the nearer edge; rho* in [0.5, 0.8]
+- asym-steep-right / asym-steep-left: A u^2 e^{{s u}}, |s| in [2, 4.4] (one side 2-6x steeper at
+  |u| = 0.2), rise 0.015-0.05 at the flat side's edge; rho* in [0.55, 0.85] / [0.45, 0.75]
 - edge-right / edge-left: rho* 0.02-0.08 inside the last / first grid point, power rises
   (exponents 1.5-3) of 0.02-0.15 at the near edge and 0.02-0.08 at the far edge
 - flat; monotone (linear, convex or concave, either direction, 0.01-0.2 nats over the grid);
