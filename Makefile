@@ -8,7 +8,7 @@ RESULTS ?= results
 FORCE   ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all sweep plots fit bench contracts lint clean
+.PHONY: setup test test-all sweep plots fit readme bench contracts lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,9 @@ fit: $(STAMP)
 
 plots: $(STAMP)
 	$(VPY) -m analysis plots --results $(RESULTS)
+
+readme: $(STAMP)
+	$(VPY) -m analysis.readme --results $(RESULTS)
 
 bench: $(STAMP)
 	$(VPY) -m bench.run --out $(RESULTS)/bench

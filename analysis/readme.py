@@ -1,0 +1,198 @@
+"""The README's results tables, generated from the committed results: ``python -m analysis readme``.
+
+Every number in the README's generated blocks comes from ``results/<grid>/runs.csv`` through the
+fits of this package; nothing is typed by hand. A block is delimited by
+``<!-- generated:NAME -->`` and ``<!-- end:NAME -->``; ``--check`` regenerates them in memory and
+exits 1 if the README differs (numbers compared to the precision printed, so a last-digit change
+of a bootstrap interval on another BLAS does not fail; a changed table does).
+
+Blocks: ``ladder`` (the budgets, with measured trial times), ``ladder-results`` (the allocation
+law across the paper-regime ladder), ``lr`` (the learning-rate checks), ``cpu-small`` and
+``memory`` (the earlier, undertrained grids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import load
+from analysis.fit import fit_u_curve
+from analysis.ladder import ladder_report, report_markdown
+from analysis.report import ci, memory_fit
+
+LADDER = ("cpu-1e12", "cpu-3e12", "cpu-1e13")
+N_BOOT = 1000
+_BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end:(?P=name) -->)",
+                    re.S)
+
+
+def _grid(results: Path, name: str) -> pd.DataFrame | None:
+    p = results / name / "runs.csv"
+    return load.load_runs(p) if p.exists() else None
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def block_ladder(results: Path) -> str:
+    """The budgets: shape, regime and the measured time of a trial (median wall time of the
+    budget's committed trials, which ran two at a time on the 2-core machine)."""
+    from engram_jax.allocation import BUDGETS, expected_trial_s
+
+    lines = ["| budget | device | total | P_tot | P_act | P_tot/P_act | tokens/trial | tokens/P_act "
+             "| C = 6 P_act D | epochs | trials | measured s/trial (trials) | planned s/trial |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b in BUDGETS.values():
+        c = b.base().param_counts()
+        D = b.tokens()
+        runs = [r for r in (_grid(results, b.name), _grid(results, f"lr-{b.name}")) if r is not None]
+        walls = pd.concat([r["wall_s"] for r in runs]) if runs else pd.Series(dtype=float)
+        measured = f"{walls.median():.0f} ({len(walls)})" if len(walls) else "-"
+        lines.append(
+            f"| {b.name} | {b.device} | {_si(c['total'])} | {_si(c['p_tot'])} | {_si(c['active'])} "
+            f"| {c['p_tot'] / c['active']:.1f} | {_si(D)} | {D / c['active']:.2g} "
+            f"| {6 * c['active'] * D:.2g} | {D / b.corpus_tokens:.2g} "
+            f"| {len(b.rhos) * len(b.seeds)} | {measured} | {expected_trial_s(b):.0f} |")
+    return "\n".join(lines)
+
+
+def block_ladder_results(results: Path) -> str:
+    frames = [r for r in (_grid(results, n) for n in LADDER) if r is not None]
+    if not frames:
+        return "No trial of the ladder has finished yet."
+    runs = pd.concat(frames, ignore_index=True)
+    counts = ", ".join(f"{b}: {len(g)} of {21} trials" for b, g in runs.groupby("budget"))
+    return f"Finished: {counts}.\n\n" + report_markdown(ladder_report(runs, n_boot=N_BOOT))
+
+
+def block_lr(results: Path) -> str:
+    lines = ["| budget | peak lr | val loss at rho = 1.0 | val loss at rho = 0.7 |",
+             "|---|---|---|---|"]
+    any_row = False
+    for b in LADDER:
+        one, seven = _grid(results, f"lr-{b}"), _grid(results, f"lr-{b}-rho0.7")
+        if one is None:
+            continue
+        rates = sorted(set(one["lr"]) | (set(seven["lr"]) if seven is not None else set()))
+        best1 = one.loc[one["val_loss"].idxmin(), "lr"]
+        best7 = seven.loc[seven["val_loss"].idxmin(), "lr"] if seven is not None else None
+        for lr in rates:
+            v1 = one.loc[one["lr"] == lr, "val_loss"]
+            v7 = seven.loc[seven["lr"] == lr, "val_loss"] if seven is not None else pd.Series(dtype=float)
+            cell1 = f"{v1.iloc[0]:.4f}" + (" (best)" if lr == best1 else "") if len(v1) else "-"
+            cell7 = f"{v7.iloc[0]:.4f}" + (" (best)" if lr == best7 else "") if len(v7) else "-"
+            lines.append(f"| {b} | {lr:g} | {cell1} | {cell7} |")
+            any_row = True
+    return "\n".join(lines) if any_row else "No learning-rate grid has finished yet."
+
+
+def block_cpu_small(results: Path) -> str:
+    frames = [r for r in (_grid(results, "cpu-small"), _grid(results, "cpu-small-seeds")) if r is not None]
+    if not frames:
+        return "No cpu-small grid in results/."
+    runs = pd.concat(frames, ignore_index=True)
+    lines = ["| rho | routed experts | Engram slots | val loss (mean ± std over seeds) | seeds |",
+             "|---|---|---|---|---|"]
+    for rho, g in sorted(runs.groupby("rho"), key=lambda t: -t[0]):
+        lines.append(f"| {rho:.1f} | {int(g['n_routed'].iloc[0])} | {int(g['engram_slots'].iloc[0]):,} "
+                     f"| {g['val_loss'].mean():.4f} ± {g['val_loss'].std(ddof=1):.4f} | {len(g)} |")
+    f = fit_u_curve(runs, n_boot=N_BOOT)
+    lines += ["", "Fit (`python -m analysis fit results/cpu-small results/cpu-small-seeds`): " + (
+        f"rho* = {f['rho_star']:.3f}, 95% interval {ci(f['ci_low'], f['ci_high'])} ({f['model']})"
+        if f["is_u_shaped"] else f['reason']) + "."]
+    return "\n".join(lines)
+
+
+def block_memory(results: Path) -> str:
+    runs = _grid(results, "memory-cpu-small")
+    if runs is None:
+        return "No memory grid in results/."
+    lines = ["| Engram slots | total params | val loss |", "|---|---|---|"]
+    for r in runs.sort_values("engram_slots").itertuples():
+        lines.append(f"| {int(r.engram_slots):,} | {_si(r.params_total)} | {r.val_loss:.4f} |")
+    col, f = memory_fit(runs, n_boot=500)
+    lines += ["", (f"L = E + A x^-alpha over {col}: alpha = {f['alpha']:.2f} "
+                   f"(bootstrap 95% {ci(*f['alpha_ci'])}), E = {f['E']:.2f} "
+                   f"({f['n_points']} points, one seed)") if f["ok"] else f"no power-law fit: {f['reason']}"]
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "ladder": block_ladder, "ladder-results": block_ladder_results, "lr": block_lr,
+    "cpu-small": block_cpu_small, "memory": block_memory,
+}
+
+
+def render(text: str, results: Path) -> str:
+    """``text`` with every generated block rebuilt from ``results``."""
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in BLOCKS:
+            raise ValueError(f"unknown generated block {name!r}; known: {', '.join(BLOCKS)}")
+        return m.group(1) + BLOCKS[name](results).rstrip("\n") + "\n" + m.group(4)
+    return _BLOCK.sub(sub, text)
+
+
+_NUM = re.compile(r"[-+]?\d[\d,]*\.?\d*(?:e[-+]?\d+)?")
+
+
+def same(a: str, b: str) -> bool:
+    """Equal text; integers equal, decimals within one unit of their last printed digit."""
+    if _NUM.sub("#", a) != _NUM.sub("#", b):
+        return False
+    for x, y in zip(_NUM.findall(a), _NUM.findall(b)):
+        if x == y:
+            continue
+        if "." not in x or "." not in y:
+            return False  # counts and integers must match exactly
+        fx, fy = float(x.replace(",", "")), float(y.replace(",", ""))
+        mant, _, exp = x.lower().partition("e")
+        unit = 10 ** (int(exp or 0) - len(mant.split(".")[1]))
+        if not math.isclose(fx, fy, abs_tol=1.01 * unit, rel_tol=1e-12):
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis readme", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", default="README.md")
+    ap.add_argument("--results", default="results")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the README is not up to date")
+    a = ap.parse_args(argv)
+    path = Path(a.readme)
+    text = path.read_text()
+    if not _BLOCK.search(text):
+        print(f"error: {path} has no <!-- generated:NAME --> blocks", file=sys.stderr)
+        return 2
+    new = render(text, Path(a.results))
+    if a.check:
+        old_blocks = {m.group("name"): m.group("body") for m in _BLOCK.finditer(text)}
+        bad = [m.group("name") for m in _BLOCK.finditer(new)
+               if not same(old_blocks[m.group("name")], m.group("body"))]
+        if bad:
+            print(f"{path} is out of date in block(s) {', '.join(bad)}: run "
+                  "`python -m analysis readme` (make readme)", file=sys.stderr)
+            return 1
+        print(f"{path}: every generated block matches results/")
+        return 0
+    path.write_text(new)
+    print(f"rewrote the generated blocks of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    raise SystemExit(main())
