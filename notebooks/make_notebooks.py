@@ -64,17 +64,21 @@ small (about 0.8% of the loss), close to run-to-run noise, so seeds and interval
         new_markdown_cell("""\
 ## What the fit does
 
-`analysis.fit.fit_u_curve`, per budget:
+`analysis.fit.fit_u_curve`, per budget, models the whole curve (the paper's is asymmetric: it
+rises about four times more steeply toward $\\rho = 1$ than toward $\\rho = 0.4$):
 
-1. averages seeds at each $\\rho$ and finds the empirical minimum; a minimum at either end of the
-   grid means the optimum is not bracketed, and the answer is "no U-shape", not an optimum;
-2. fits $L = L^* + k(\\rho - \\rho^*)^2$ by least squares to the runs at the minimum and its
-   neighbours (a parabola is only a local model of the bottom of the curve);
-3. reports a **profile-likelihood interval** for $\\rho^*$ (residual sum of squares profiled over
-   $\\rho^*$, F threshold) and a **bootstrap interval** (runs resampled within each $\\rho$, the
-   whole procedure redone); an unbounded profile interval means a monotone trend explains the
-   data about as well, so again no U-shape is claimed;
-4. cross-checks with the argmin of an Akima spline through the means."""),
+1. removes per-seed offsets when seeds are crossed with $\\rho$ (a seed that is worse everywhere
+   moves no optimum);
+2. calls the curve U-shaped only when a valley (falling, then rising) fits better than every
+   monotone curve by more than a critical value simulated for the hardest monotone case; otherwise
+   the answer is "no interior optimum", with the reason;
+3. fits candidate shapes over the whole grid (the vertex parabola, a two-sided parabola, a
+   two-sided power form $L^* + a(\\rho^*-\\rho)^p$ / $b(\\rho-\\rho^*)^q$, cubic and quartic
+   polynomials) and keeps one by AIC;
+4. reports a 95% interval for $\\rho^*$ from a seed-level bootstrap that redoes the shape choice
+   in every replicate, widened to the two-sided form's profile interval; its coverage on synthetic
+   curves is in `results/calibration/`;
+5. cross-checks with the argmin of an Akima spline through the means."""),
         new_code_cell('''\
 alloc = [g for g in GRIDS if not load.is_memory_grid(load.load_runs(g))]
 if not alloc:
@@ -90,7 +94,7 @@ else:
 ## Loss against $\\rho$
 
 Seeds are faint dots, means carry $\\pm$ one standard deviation over seeds, the red line is the
-parabola with its bootstrap band, the shaded column the interval for $\\rho^*$."""),
+chosen shape with its bootstrap band, the shaded column the interval for $\\rho^*$."""),
         new_code_cell('''\
 if alloc:
     show(plots.plot_allocation(runs, n_boot=300))'''),
