@@ -128,6 +128,53 @@ class EngramConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class OverEncodingConfig:
+    """OverEncoding input embeddings (Huang et al., "Over-Tokenized Transformer: Vocabulary is
+    Generally Worth Scaling", ICML 2025, arXiv 2501.16975; engram-paper.md sections 3 and 8).
+
+    The baseline Engram is compared against: hashed n-gram embeddings at the input layer only, no
+    gate, no convolution, no contextual query. For each order n = 2..N the n-gram id at position i
+    is ``sum_{j<n} x_{i-j} V^j`` (zeros before the start); sub-table t of the order reads row
+    ``id mod (modulus + 2 t)`` and has its own linear projection to d_model; the token embedding
+    and the (N - 1) * n_sub projected rows are averaged (layers/overencoding.py).
+
+    Attributes:
+      max_ngram: N; orders 2..N (paper: 3).
+      n_sub: k, sub-tables per order, each with a slightly different modulus.
+      d_sub: width of one sub-table (paper: d_model / ((N - 1) k)).
+      modulus: m, the base modulus (rows of sub-table t: m + 2 t); must stay below 2**30 so the
+        ids are computed exactly in int32 inside the model.
+      table_init_std: std of the table init (1.0, as the token embedding's).
+    """
+
+    max_ngram: int = 3
+    n_sub: int = 2
+    d_sub: int = 16
+    modulus: int
+    table_init_std: float = 1.0
+
+    def __post_init__(self):
+        if self.max_ngram < 2:
+            raise ValueError(f"overencoding.max_ngram must be >= 2, got {self.max_ngram}")
+        if self.n_sub < 1 or self.d_sub < 1:
+            raise ValueError("overencoding.n_sub and overencoding.d_sub must be >= 1")
+        if not 2 <= self.modulus <= 2**30 - 2 * self.n_sub:
+            raise ValueError(f"overencoding.modulus must be in [2, 2**30 - 2 n_sub], got {self.modulus}")
+
+    @property
+    def n_tables(self) -> int:
+        """S = (N - 1) * n_sub sub-tables."""
+        return (self.max_ngram - 1) * self.n_sub
+
+    def moduli(self) -> list[int]:
+        """Rows of each sub-table, order-major: [m, m + 2, ..] for n = 2, then for n = 3 ..."""
+        return [self.modulus + 2 * t for _ in range(2, self.max_ngram + 1) for t in range(self.n_sub)]
+
+    def rows(self) -> int:
+        return sum(self.moduli())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     """A hybrid MoE + Engram decoder-only LM.
 
@@ -142,6 +189,7 @@ class ModelConfig:
       seq_len: training context length (sets the attention FLOPs).
       moe: MoE part, or None for a dense model.
       engram: Engram part, or None for no Engram.
+      overencoding: OverEncoding input n-gram embeddings (the paper's baseline), or None.
       hc_mult: residual branches (the paper's hyper-connections); only 1 is built.
       tie_embeddings: share the input embedding with the LM head.
       rope_theta, norm_eps: RoPE base and the backbone RMSNorm epsilon (the Engram module's norms
@@ -163,6 +211,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     dtype: str = "float32"
+    overencoding: OverEncodingConfig | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"):
@@ -219,16 +268,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; keys of options added later may be absent (their default)."""
         d = dict(d)
-        if d.get("moe") is not None:
+        if d.get("moe") is not None and not isinstance(d["moe"], MoEConfig):
             d["moe"] = MoEConfig(**d["moe"])
-        if d.get("engram") is not None:
+        if d.get("engram") is not None and not isinstance(d["engram"], EngramConfig):
             d["engram"] = EngramConfig(**d["engram"])
+        if d.get("overencoding") is not None and not isinstance(d["overencoding"], OverEncodingConfig):
+            d["overencoding"] = OverEncodingConfig(**d["overencoding"])
         return cls(**d)
 
     def with_overrides(self, overrides: dict[str, Any]) -> ModelConfig:
         """Apply dotted overrides such as ``{"moe.n_routed": 8, "engram": None, "d_model": 128}``."""
-        d = self.to_dict()
+        d = _full_dict(self)  # late options too, so they can be set while at their default
         for key, value in overrides.items():
             parts = key.split(".")
             node = d
@@ -246,8 +298,13 @@ class ModelConfig:
 # ``to_json``, ``hash`` and the grid files of a sweep) leaves them out while they hold their
 # default, so committed results keep matching the configs that produced them. A new option is
 # added here with a default that reproduces the old behaviour.
-LATE_FIELDS: dict[str, tuple[str, ...]] = {"ModelConfig": (), "MoEConfig": (), "EngramConfig": (),
-                                           "TrainConfig": ("final_eval_tokens",)}
+LATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "ModelConfig": ("overencoding",),
+    "MoEConfig": (),
+    "EngramConfig": (),
+    "OverEncodingConfig": (),
+    "TrainConfig": ("final_eval_tokens", "optimizer", "muon_lr_mult"),
+}
 
 
 def _prune_late(obj) -> dict[str, Any]:
@@ -258,6 +315,16 @@ def _prune_late(obj) -> dict[str, Any]:
         if f.name in late and v == f.default:
             continue
         out[f.name] = _prune_late(v) if dataclasses.is_dataclass(v) else (
+            list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def _full_dict(obj) -> dict[str, Any]:
+    """Every field as plain data, late options included (``with_overrides`` edits this)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = _full_dict(v) if dataclasses.is_dataclass(v) else (
             list(v) if isinstance(v, tuple) else v)
     return out
 
@@ -345,6 +412,14 @@ class TrainConfig:
         if smaller), the same windows for every trial of a corpus and shape; 0 uses the periodic
         evaluation set (``eval_batches``). Allocation differences are ~1% of the loss, so grids
         set this to about 1M (design: science practice).
+      optimizer: "adamw" (every group AdamW) or "muon": the backbone's matrices (attention,
+        dense and expert FFNs, Engram and OverEncoding projections) take Muon (Jordan et al.
+        2024; ``optax.contrib.scale_by_muon``, consistent-RMS scaling 0.2 of Liu et al., arXiv
+        2502.16982, so AdamW learning rates carry over) with decoupled ``weight_decay``, while
+        embeddings, LM head, router, norms, biases and the memory tables keep their AdamW groups
+        (tables at ``engram_lr_mult`` x the rate, no decay), as the Engram paper trains
+        (engram-paper.md section 1, "Training"). See ``optim.make_optimizer``.
+      muon_lr_mult: the Muon group's peak rate is ``lr * muon_lr_mult``.
     """
 
     steps: int = 200
@@ -366,6 +441,8 @@ class TrainConfig:
     compute_dtype: str = "auto"
     prefetch: int = 4
     final_eval_tokens: int = 0
+    optimizer: str = "adamw"
+    muon_lr_mult: float = 1.0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -374,5 +451,9 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.final_eval_tokens < 0:
             raise ValueError(f"final_eval_tokens must be >= 0, got {self.final_eval_tokens}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.muon_lr_mult <= 0:
+            raise ValueError(f"muon_lr_mult must be > 0, got {self.muon_lr_mult}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be auto, float32 or bfloat16, got {self.compute_dtype!r}")

@@ -2,8 +2,9 @@
 
 Definitions (the paper's): P_tot = trainable parameters excluding the vocabulary embedding and LM
 head; P_act = parameters one token activates (attention, norms, dense FFNs, shared experts, the
-router, its top-k routed experts, Engram projections/gates/conv/norms); P_sparse = P_tot - P_act
-(unselected routed experts plus every Engram table row). rho = routed-expert share of P_sparse.
+router, its top-k routed experts, Engram projections/gates/conv/norms, OverEncoding projections);
+P_sparse = P_tot - P_act (unselected routed experts plus every Engram and OverEncoding table row).
+rho = routed-expert share of P_sparse.
 
 The layout counted here is the one ``model.py`` builds; ``tests/test_counting.py`` checks that the
 live parameter count equals ``param_counts()['total']`` exactly on random configs.
@@ -40,7 +41,10 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     Returns keys: total (every trainable parameter), p_tot, active, sparse, embedding (input
     embedding + LM head), routed_experts (all routed experts, selected or not), routed_active
     (top-k of them), engram_tables, engram_dense, attention, dense_ffn, shared_experts, router,
-    norms, rho (routed share of sparse; 1.0 when there is no sparse part).
+    norms, rho (routed share of sparse; 1.0 when there is no sparse part). With OverEncoding also
+    overencoding_tables (sparse memory, like Engram tables) and overencoding_dense (its
+    projections, active); the keys are absent otherwise, so result tables of models without it
+    keep their columns.
     """
     D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
     attention = L * 4 * D * D
@@ -59,11 +63,19 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     if cfg.engram is not None:
         tables = sum(cfg.engram.rows().values()) * cfg.engram.d_head
         engram_dense = len(cfg.engram.layer_ids) * engram_dense_params(cfg)
+    oe_tables = oe_dense = 0
+    if cfg.overencoding is not None:
+        oe_tables = cfg.overencoding.rows() * cfg.overencoding.d_sub
+        oe_dense = cfg.overencoding.n_tables * cfg.overencoding.d_sub * D
     embedding = V * D * (1 if cfg.tie_embeddings else 2)
-    p_tot = attention + norms + dense_ffn + routed + shared + router + tables + engram_dense
-    active = attention + norms + dense_ffn + routed_active + shared + router + engram_dense
+    p_tot = (attention + norms + dense_ffn + routed + shared + router + tables + engram_dense
+             + oe_tables + oe_dense)
+    active = attention + norms + dense_ffn + routed_active + shared + router + engram_dense + oe_dense
     sparse = p_tot - active
     routed_sparse = routed - routed_active
+    extra = {}
+    if cfg.overencoding is not None:
+        extra = {"overencoding_tables": oe_tables, "overencoding_dense": oe_dense}
     return {
         "total": p_tot + embedding,
         "p_tot": p_tot,
@@ -80,6 +92,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         "router": router,
         "norms": norms,
         "rho": (routed_sparse / sparse) if sparse else 1.0,
+        **extra,
     }
 
 
@@ -114,6 +127,8 @@ def forward_flops_per_token(cfg: ModelConfig, *, executed: bool = False, tokens:
         e = cfg.engram
         per = 2 * e.d_mem * D * (2 if e.gate else 1) + (2 * e.conv_kernel * D if e.conv else 0)
         f += len(e.layer_ids) * per
+    if cfg.overencoding is not None:
+        f += 2 * cfg.overencoding.n_tables * cfg.overencoding.d_sub * D
     f += 2 * D * V
     return float(f)
 

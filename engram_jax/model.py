@@ -1,5 +1,7 @@
 """The hybrid LM: a pre-norm Transformer with MoE FFNs and Engram modules at chosen layers.
 
+Input:    H = E[x], or with ``overencoding`` the average of E[x] and its hashed n-gram embeddings
+          (layers/overencoding.py, the paper's OverEncoding baseline)
 Block l:  H += Engram_l(H, hash ids)   (only at ``engram.layer_ids``; engram-paper.md "Placement")
           H += Attention(RMSNorm(H))
           H += FFN_l(RMSNorm(H))        (dense SwiGLU for the first ``n_dense_layers``, else MoE)
@@ -20,6 +22,7 @@ from engram_jax.layers.attention import Attention
 from engram_jax.layers.common import RMSNorm, SwiGLU, normal
 from engram_jax.layers.engram import Engram
 from engram_jax.layers.moe import MoE
+from engram_jax.layers.overencoding import OverEncoding
 
 
 class Block(nnx.Module):
@@ -66,6 +69,9 @@ class HybridLM(nnx.Module):
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(D, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else normal(rngs, (D, V), D**-0.5)
+        if cfg.overencoding is not None:
+            # Drawn last, so the backbone's initial weights equal the plain model's of that seed.
+            self.overencoding = OverEncoding(D, cfg.overencoding, V, rngs=rngs)
 
     def __call__(self, tokens_BxT: jax.Array, hash_ids: dict | None = None,
                  memory: dict | None = None):
@@ -74,6 +80,8 @@ class HybridLM(nnx.Module):
         hash_ids = hash_ids or {}
         memory = memory or {}
         h = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        if cfg.overencoding is not None:
+            h = self.overencoding(tokens_BxT, h)
         loads, auxes = [], []
         for blk in self.blocks:
             hid = hash_ids.get(blk.layer_id) if blk.engram is not None else None
