@@ -2,7 +2,13 @@
 
 AdamW with linear warmup and cosine decay (optax). Parameters are split into three groups with
 ``optax.multi_transform``: matrices (weight decay), vectors (norm scales, biases: no decay) and the
-Engram tables (engram-paper.md "Training": 5x the learning rate, no weight decay).
+Engram tables (engram-paper.md "Training": 5x the learning rate, no weight decay). OverEncoding
+tables join the table group.
+
+``TrainConfig.optimizer = "muon"`` moves the backbone's matrices into a fourth group trained with
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"; ``optax.contrib.scale_by_muon``),
+as the Engram paper trains its backbone, keeping Adam for embeddings, LM head, router, norms,
+biases and the tables (``muon_dims`` says which leaves and how each is seen as a matrix).
 """
 
 from __future__ import annotations
@@ -25,15 +31,61 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
-def _label(path, _leaf) -> str:
+def _names(path) -> list[str]:
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return names[:-1] if names and names[-1] == "value" else names  # an nnx.Variable's own leaf
+
+
+def _label(path, _leaf) -> str:
+    names = _names(path)
     if "engram" in names and "table" in names:
+        return "engram_table"
+    if "overencoding" in names and names[-1] == "table":
         return "engram_table"
     return "decay" if _leaf.ndim >= 2 else "no_decay"
 
 
 def param_labels(params: nnx.State):
     return jax.tree_util.tree_map_with_path(_label, params)
+
+
+# Matrices that stay with Adam under Muon (engram-paper.md "Training": Adam for the embeddings and
+# the router; the LM head is an embedding, as in modded-nanogpt and Moonlight; the Engram conv's
+# depthwise taps [W, D] are per-channel filters, not a map between spaces).
+ADAM_MATRICES = ("embed", "lm_head", "w_router", "conv_w")
+# How each Muon leaf is a (batch of) matrix x W: attention's W_q/W_k/W_v [D, N, Dh] map D to N*Dh,
+# W_o [N, Dh, D] maps N*Dh to D; experts [E, D, F] / [E, F, D] and OverEncoding projections
+# [S, d_sub, D] are a batch of matrices over their first axis; every 2-D weight is [in, out].
+_QKV = ("wq", "wk", "wv")
+
+
+def _muon_dim(path, leaf):
+    from optax.contrib import MuonDimensionNumbers as Dims
+
+    names = _names(path)
+    if _label(path, leaf) != "decay" or names[-1] in ADAM_MATRICES:
+        return None
+    if leaf.ndim == 2:
+        return Dims(0, 1)
+    if leaf.ndim == 3 and names[-1] in _QKV:
+        return Dims(0, (1, 2))
+    if leaf.ndim == 3 and names[-1] == "wo":
+        return Dims((0, 1), 2)
+    if leaf.ndim == 3 and names[-1] in ("w_gate", "w_up", "w_down", "proj"):
+        return Dims(1, 2)
+    raise ValueError(f"no Muon layout for parameter {'/'.join(names)} of shape {leaf.shape}: "
+                     "add it to optim._muon_dim (or to ADAM_MATRICES)")
+
+
+def muon_dims(params):
+    """``MuonDimensionNumbers`` per leaf (None: the leaf stays with Adam)."""
+    return jax.tree_util.tree_map_with_path(_muon_dim, params)
+
+
+def muon_param_labels(params):
+    """``param_labels`` with the backbone's matrices relabelled "muon"."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: "muon" if _muon_dim(p, x) is not None else _label(p, x), params)
 
 
 def schedule(tcfg: TrainConfig, peak: float) -> optax.Schedule:
@@ -59,17 +111,39 @@ def make_optimizer(tcfg: TrainConfig, *, clip: bool = True) -> optax.GradientTra
     def adamw(peak: float, wd: float):
         return optax.adamw(schedule(tcfg, peak), b1=tcfg.b1, b2=tcfg.b2, weight_decay=wd)
 
-    groups = optax.multi_transform(
-        {
-            "decay": adamw(tcfg.lr, tcfg.weight_decay),
-            "no_decay": adamw(tcfg.lr, 0.0),
-            "engram_table": adamw(tcfg.lr * tcfg.engram_lr_mult, tcfg.engram_weight_decay),
-        },
-        param_labels,
-    )
+    transforms = {
+        "decay": adamw(tcfg.lr, tcfg.weight_decay),
+        "no_decay": adamw(tcfg.lr, 0.0),
+        "engram_table": adamw(tcfg.lr * tcfg.engram_lr_mult, tcfg.engram_weight_decay),
+    }
+    labels = param_labels
+    if tcfg.optimizer == "muon":
+        transforms["muon"] = muon(tcfg)
+        labels = muon_param_labels
+    groups = optax.multi_transform(transforms, labels)
     if tcfg.grad_clip > 0 and clip:
         return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), groups)
     return groups
+
+
+MUON_BETA = 0.95  # momentum, Nesterov (Jordan et al.; optax's default)
+MUON_CONSISTENT_RMS = 0.2  # update RMS ~ 0.2 lr, AdamW's (Liu et al., arXiv 2502.16982)
+
+
+def muon(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """Muon for the "muon" group: Newton-Schulz-orthogonalised Nesterov momentum per matrix
+    (batched over experts / sub-tables, ``muon_dims``), scaled by 0.2 sqrt(max(fan_in, fan_out))
+    so its update RMS matches AdamW's, decoupled weight decay, then the warmup-cosine schedule at
+    ``lr * muon_lr_mult`` (the paper's backbone optimizer; engram-paper.md "Training")."""
+    from optax.contrib import scale_by_muon
+    from optax.contrib._muon import scale_by_shape  # optax 0.2.8 does not re-export it
+
+    return optax.chain(
+        scale_by_muon(beta=MUON_BETA, nesterov=True, weight_dimension_numbers=muon_dims),
+        scale_by_shape(weight_dimension_numbers=muon_dims, consistent_rms=MUON_CONSISTENT_RMS),
+        optax.add_decayed_weights(tcfg.weight_decay),
+        optax.scale_by_learning_rate(schedule(tcfg, tcfg.lr * tcfg.muon_lr_mult)),
+    )
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
