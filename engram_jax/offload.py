@@ -23,6 +23,8 @@ dense table (rows with an all-zero gradient are left alone), the reference the t
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,10 +59,17 @@ class HostTables:
             raise ValueError("offloaded tables use Adam without weight decay: set "
                              "engram_weight_decay=0 or engram.offload=False")
         self.d_head, self.d_mem = e.d_head, e.d_mem
-        self.b1, self.b2 = np.float32(tcfg.b1), np.float32(tcfg.b2)
         from engram_jax.optim import schedule
 
         self.lr = schedule(tcfg, tcfg.lr * tcfg.engram_lr_mult)
+        # The row step is ``lazy_adam``'s own arithmetic, compiled by XLA for the host CPU: a numpy
+        # transcription rounds differently (XLA contracts a*b + c into an fma, divides by a scalar
+        # through its reciprocal, evaluates the schedule compiled; numpy's 1 - float32(0.9) is
+        # 0.100000024, optax's float32(1 - 0.9) is 0.1), and training amplifies a last-bit
+        # difference in a table row to a visible one within a few steps.
+        self._row_step = jax.jit(functools.partial(_host_row_step, self.lr, tcfg.b1, tcfg.b2,
+                                                   tcfg.grad_clip))
+        self._cpu = jax.devices("cpu")[0]
         self.tables, self.m, self.v, self.offsets, self.last_update = {}, {}, {}, {}, {}
         for blk in model.blocks:
             if blk.engram is None:
@@ -154,24 +163,40 @@ class HostTables:
                     mem_NxH[stale_N] = self.tables[lid][r_N[stale_N]]
         return rows
 
-    def apply(self, rows: dict[int, np.ndarray], grads: dict) -> None:
-        """One lazy Adam step from d loss / d memory {layer_id: [B, T, M]} (clip already applied)."""
-        count = self.version
-        t = count + 1
-        lr = np.float32(self.lr(count))
-        bc1 = np.float32(1) - self.b1 ** np.float32(t)
-        bc2 = np.float32(1) - self.b2 ** np.float32(t)
+    def apply(self, rows: dict[int, np.ndarray], grads) -> None:
+        """One lazy Adam step from the train step's ``memory_grad``.
+
+        ``grads``: ``(g_mem, g_norm)``, d loss / d memory {layer_id: [B, T, M]} before the clip and
+        the global gradient norm: the rows are summed first and then clipped, in the order of
+        ``optax.clip_by_global_norm`` on a dense table gradient (clipping each lookup before the
+        sum rounds differently); or a dict of already clipped gradients (no clip here).
+        The row gradients are summed per row (``np.add.at``, in the order of XLA's scatter-add),
+        then the clip and ``adam_rows`` run on the U touched rows, padded to the N lookups of the
+        batch with zero-gradient rows (left alone) so that it compiles once per batch shape.
+        """
+        g_norm = np.float32(0.0)  # 0: no clip (the gradients came clipped)
+        if isinstance(grads, tuple):
+            grads, g_norm = grads[0], np.float32(grads[1])
+        t = self.version + 1
+        count = jax.device_put(np.int32(self.version), self._cpu)
+        g_norm = jax.device_put(g_norm, self._cpu)
         for lid, r_BxTxG in rows.items():
             g_NxH = np.asarray(grads[lid], np.float32).reshape(-1, self.d_head)
             u_U, inv_N = np.unique(r_BxTxG.reshape(-1), return_inverse=True)
-            g_UxH = np.zeros((u_U.size, self.d_head), np.float32)
-            np.add.at(g_UxH, inv_N, g_NxH)
-            m = (1 - self.b1) * g_UxH + self.b1 * self.m[lid][u_U]
-            v = (1 - self.b2) * (g_UxH * g_UxH) + self.b2 * self.v[lid][u_U]
-            upd = (m / bc1) / (np.sqrt(v / bc2) + np.float32(EPS))
-            self.tables[lid][u_U] = self.tables[lid][u_U] + (-lr) * upd
-            self.m[lid][u_U] = m
-            self.v[lid][u_U] = v
+            N, U = g_NxH.shape[0], u_U.size
+            if U == 0:
+                continue
+            g_pad = np.zeros((N, self.d_head), np.float32)
+            np.add.at(g_pad, inv_N, g_NxH)
+            padded = []
+            for a in (self.tables[lid], self.m[lid], self.v[lid]):
+                x = np.zeros((N, self.d_head), np.float32)
+                x[:U] = a[u_U]
+                padded.append(jax.device_put(x, self._cpu))
+            p, m, v = self._row_step(*padded, jax.device_put(g_pad, self._cpu), count, g_norm)
+            self.tables[lid][u_U] = np.asarray(p)[:U]
+            self.m[lid][u_U] = np.asarray(m)[:U]
+            self.v[lid][u_U] = np.asarray(v)[:U]
             self.last_update[lid][u_U] = t  # before the version moves: see prefetch/refresh
         self.version = t
 
@@ -190,6 +215,36 @@ def table_grad_sqnorm(rows_N: jax.Array, g_NxH: jax.Array) -> jax.Array:
     return jnp.sum(agg * agg)
 
 
+def adam_scalars(learning_rate: optax.Schedule, b1: float, b2: float, count):
+    """The learning rate and bias corrections 1 - b1^t, 1 - b2^t of update t = count + 1."""
+    t = count + 1
+    return learning_rate(count), 1 - b1**t, 1 - b2**t
+
+
+def adam_rows(g, m, v, lr, bc1, bc2, b1: float, b2: float):
+    """Lazy Adam on rows [..., H]: (update, m, v). A row whose gradient is all zero keeps its
+    moments and gets a zero update. The arithmetic of both ``lazy_adam`` and ``HostTables.apply``
+    (optax's: moments (1 - b) g + b m with python-float b, no weight decay)."""
+    hit = jnp.any(g != 0, axis=-1, keepdims=True)
+    m = jnp.where(hit, (1 - b1) * g + b1 * m, m)
+    v = jnp.where(hit, (1 - b2) * (g * g) + b2 * v, v)
+    upd = (m / bc1) / (jnp.sqrt(v / bc2) + EPS)
+    return jnp.where(hit, -lr * upd, 0.0), m, v
+
+
+def _host_row_step(learning_rate, b1: float, b2: float, max_norm: float, p, m, v, g, count,
+                   g_norm):
+    """``HostTables``' step on gathered rows: new (rows, m, v). The clip is
+    ``optax.clip_by_global_norm``'s expression (skipped for g_norm = 0), the add
+    ``optax.apply_updates``'."""
+    if max_norm > 0:
+        clip = (g_norm == 0) | (g_norm < max_norm)
+        g = jax.lax.select(clip, g, (g / g_norm) * max_norm)
+    lr, bc1, bc2 = adam_scalars(learning_rate, b1, b2, count)
+    upd, m, v = adam_rows(g, m, v, lr, bc1, bc2, b1, b2)
+    return p + upd, m, v
+
+
 def lazy_adam(learning_rate: optax.Schedule, b1: float, b2: float) -> optax.GradientTransformation:
     """Row-wise lazy Adam on a dense [R, H] table: rows with an all-zero gradient are untouched.
 
@@ -203,20 +258,12 @@ def lazy_adam(learning_rate: optax.Schedule, b1: float, b2: float) -> optax.Grad
     def update(g, state, params=None):
         del params
         count, mu, nu = state
-        t = count + 1
-        lr = learning_rate(count)
-
-        hit = jax.tree.map(lambda g_: jnp.any(g_ != 0, axis=-1, keepdims=True), g)
-        mu = jax.tree.map(lambda h, g_, m_: jnp.where(h, (1 - b1) * g_ + b1 * m_, m_), hit, g, mu)
-        nu = jax.tree.map(lambda h, g_, v_: jnp.where(h, (1 - b2) * (g_ * g_) + b2 * v_, v_),
-                          hit, g, nu)
-
-        def step(h, m_, v_):
-            upd = (m_ / (1 - b1**t)) / (jnp.sqrt(v_ / (1 - b2**t)) + EPS)
-            return jnp.where(h, -lr * upd, 0.0)
-
-        upd = jax.tree.map(step, hit, mu, nu)
-        return upd, (t, mu, nu)
+        lr, bc1, bc2 = adam_scalars(learning_rate, b1, b2, count)
+        leaves, treedef = jax.tree.flatten(g)
+        out = [adam_rows(g_, m_, v_, lr, bc1, bc2, b1, b2) for g_, m_, v_ in
+               zip(leaves, treedef.flatten_up_to(mu), treedef.flatten_up_to(nu), strict=True)]
+        upd, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+        return upd, (count + 1, mu, nu)
 
     return optax.GradientTransformation(init, update)
 

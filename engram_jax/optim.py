@@ -187,8 +187,10 @@ def _offload_train_step(loss_fn, graphdef, cfg: ModelConfig, tcfg: TrainConfig, 
 
     ``batch["memory"]`` is differentiated like a parameter; the global-norm clip counts the tables'
     aggregated row gradients (``offload.table_grad_sqnorm``) and is applied here, so ``tx`` must
-    come from ``make_optimizer(tcfg, clip=False)``. ``metrics["memory_grad"]`` holds the clipped
-    d loss / d memory {layer_id: [B, T, M]} for ``HostTables.apply``.
+    come from ``make_optimizer(tcfg, clip=False)``. ``metrics["memory_grad"]`` holds
+    ``(d loss / d memory {layer_id: [B, T, M]}, global norm)``, unclipped: ``HostTables.apply``
+    sums each row's lookups first and clips the sum, as the device-resident path clips the dense
+    table gradient.
     """
     import numpy as np
 
@@ -212,9 +214,9 @@ def _offload_train_step(loss_fn, graphdef, cfg: ModelConfig, tcfg: TrainConfig, 
         if tcfg.grad_clip > 0:
             trigger = g_norm < tcfg.grad_clip
             clip = lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * tcfg.grad_clip)  # noqa: E731
-            grads, g_mem = jax.tree.map(clip, grads), jax.tree.map(clip, g_mem)
+            grads = jax.tree.map(clip, grads)
         state, metrics = _finish_step(graphdef, cfg, tx, state, grads, ce, loss, aux, g_norm)
-        return state, {**metrics, "memory_grad": g_mem}
+        return state, {**metrics, "memory_grad": (g_mem, g_norm)}
 
     return train_step
 
