@@ -105,5 +105,5 @@ def test_tiny_bench_with_a_grid_is_consistent_and_keeps_other_runs(tmp_path):
     assert len({r["run"] for r in rows}) == 2
     names = {r["name"] for r in rows}
     assert {"grid_mfu", "grid_model_tflops", "grid_wall_s", "offloaded_tokens_per_s"} <= names
-    assert {r["config"] for r in rows if r["name"] == "grid_mfu"} == {"smoke@2x1cpu", "smoke@1x2cpu"}
+    assert {r["config"] for r in rows if r["name"] == "grid_mfu"} == {"smoke@2x1cpu", "smoke@1x2cpu"}  # the only budget
     _consistent(rows)
