@@ -162,15 +162,19 @@ def test_default_optimizer_bit_identical_to_before():
     tcfg = TrainConfig(steps=10, warmup_steps=2)
     assert tcfg.optimizer == "adamw"
     params = nnx.state(HybridLM(preset("tiny"), rngs=nnx.Rngs(0)), nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    grads = [jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(
+        jax.random.split(jax.random.key(step), len(leaves)), leaves, strict=True)]) for step in range(2)]
     results = []
     for tx in (make_optimizer(tcfg), _old_make_optimizer(tcfg)):
-        p, st = params, tx.init(params)
-        for step in range(2):
-            leaves, treedef = jax.tree.flatten(p)
-            keys = jax.random.split(jax.random.key(step), len(leaves))
-            g = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)])
+        @jax.jit  # one dispatch per step, as in the jitted train step
+        def update(p, st, g, tx=tx):
             u, st = tx.update(g, st, p)
-            p = optax.apply_updates(p, u)
+            return optax.apply_updates(p, u), st
+
+        p, st = params, tx.init(params)
+        for g in grads:
+            p, st = update(p, st, g)
         results.append(_flat(p))
     new, old = results
     assert set(new) == set(old)
