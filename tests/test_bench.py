@@ -92,9 +92,10 @@ def _consistent(rows):
             assert r["status"] == ("pass" if ok else "fail"), r
 
 
-def test_committed_cpu_bench_is_internally_consistent():
-    path = Path(__file__).resolve().parent.parent / "results" / "bench" / "cpu.csv"
-    _consistent(_rows(path))
+@pytest.mark.parametrize("name", sorted(p.name for p in (
+    Path(__file__).resolve().parent.parent / "results" / "bench").glob("*.csv")))
+def test_committed_bench_is_internally_consistent(name):
+    _consistent(_rows(Path(__file__).resolve().parent.parent / "results" / "bench" / name))
 
 
 def test_tiny_bench_with_a_grid_is_consistent_and_keeps_other_runs(tmp_path):
