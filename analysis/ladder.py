@@ -187,10 +187,16 @@ def report_markdown(rep: dict[str, Any]) -> str:
     for r in per.itertuples():
         rho = (f"{r.rho_star:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" if r.is_u_shaped
                else f"no interior optimum ({r.reason})")
+        seeds = r.n_seeds >= 2 and math.isfinite(r.seed_sd)
+        gain = (f"{r.gain:.4f} [{r.gain_lo:.4f}, {r.gain_hi:.4f}]" if seeds
+                else f"{r.gain:.4f} (one seed: no interval)")
         lines.append(
             f"| {r.budget} | {r.C:.3g} | {r.n_rho} x {r.n_seeds} | {r.L1:.4f} | {r.best_rho:.1f} "
-            f"| {r.L_best:.4f} | {r.gain:.4f} [{r.gain_lo:.4f}, {r.gain_hi:.4f}] | {r.seed_sd:.4f} "
-            f"| {rho} | {r.dl_star_sd:+.1f} |")
+            f"| {r.L_best:.4f} | {gain} | {f'{r.seed_sd:.4f}' if seeds else '-'} "
+            f"| {rho} | {f'{r.dl_star_sd:+.1f}' if seeds else '-'} |")
+    if len(per) < 2:
+        return "\n".join(lines + ["", "Across budgets: nothing to fit until a second budget has "
+                                       "finished trials."])
     ovc = rep["optimum_vs_compute"]
     lines += ["", "rho* against compute: " + (
         f"rho* = {ovc['a']:.3f} + {ovc['b']:.3f} log10 C, slope 95% interval "
