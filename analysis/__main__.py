@@ -25,6 +25,14 @@ from analysis.report import allocation_table, ci, memory_fit, num  # noqa: E402
 def _print_grid(runs: pd.DataFrame, name: str, n_boot: int, level: float) -> None:
     dev = ",".join(sorted(runs.get("device_kind", pd.Series(["?"])).dropna().astype(str).unique()))
     print(f"\n== {name}  ({len(runs)} ok runs, device {dev or '?'})")
+    key = load.setting_sweep_key(runs)
+    if key is not None:
+        field = key.split(".", 1)[1]
+        col = field if field in runs.columns else "sweep_value"
+        print(f"{key} sweep (not an allocation curve): validation loss per value")
+        with pd.option_context("display.width", 200):
+            print(runs[["rho", "seed", col, "val_loss"]].sort_values(["rho", col]).to_string(index=False))
+        return
     if load.is_memory_grid(runs):
         col, f = memory_fit(runs, n_boot=min(n_boot, 500), level=level)
         print(f"memory scaling: L = E + A x^-alpha over {col} ({f['n_points']} runs)")
@@ -58,7 +66,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     # pooled: that is the fit to read, with every seed of every rho.
     if len(args.grids) > 1:
         alloc = [r for r in (load.load_runs(p) for p in args.grids)
-                 if not r.empty and not load.is_memory_grid(r)]
+                 if not r.empty and load.is_allocation_grid(r)]
         if alloc:
             pooled = pd.concat(alloc, ignore_index=True)
             shared = [b for b, d in pooled.groupby("budget") if d["grid"].nunique() > 1]

@@ -188,6 +188,24 @@ def load_curves(grid_dir: PathLike) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def setting_sweep_key(df: pd.DataFrame) -> str | None:
+    """The swept training setting (e.g. "train.lr") of a grid that varies one, else None.
+
+    Such grids (learning-rate checks) are neither allocation curves nor memory scaling: their
+    rows must not be pooled into a budget's allocation curve.
+    """
+    if "sweep_key" not in df.columns:
+        return None
+    keys = df["sweep_key"].dropna().astype(str)
+    keys = keys[keys.str.startswith("train.")]
+    return str(keys.iloc[0]) if len(keys) else None
+
+
+def is_allocation_grid(df: pd.DataFrame) -> bool:
+    """True for a grid whose points are rho values (not memory sizes, not training settings)."""
+    return setting_sweep_key(df) is None and not is_memory_grid(df)
+
+
 def is_memory_grid(df: pd.DataFrame) -> bool:
     """True when a grid varies Engram memory size rather than the allocation rho.
 

@@ -226,6 +226,28 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
+def plot_setting_sweep(runs: pd.DataFrame, key: str) -> plt.Figure:
+    """Validation loss against a swept training setting (e.g. the peak learning rate), one line
+    per rho; log x for rates."""
+    field = key.split(".", 1)[1]
+    col = field if field in runs.columns else "sweep_value"
+    with style.context():
+        fig, ax = plt.subplots(figsize=(style.COLUMN_WIDTH, style.COLUMN_WIDTH * style.ASPECT))
+        for rho, d in runs.groupby("rho"):
+            d = d.assign(_x=pd.to_numeric(d[col])).sort_values("_x")
+            ax.plot(d["_x"], d["val_loss"], "o-", ms=3, lw=0.9, label=f"rho = {rho:g}")
+            best = d.loc[d["val_loss"].idxmin()]
+            ax.plot([best["_x"]], [best["val_loss"]], "D", color=style.OPTIMUM, ms=4)
+        if field.endswith("lr") or field == "lr":
+            ax.set_xscale("log")
+        ax.set_xlabel(field)
+        ax.set_ylabel("validation loss")
+        ax.set_title(describe(runs), fontsize=7)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+    return fig
+
+
 def save(fig: plt.Figure, out_dir: str | Path, stem: str) -> list[Path]:
     """Writes ``<stem>.pdf`` and ``<stem>.png`` under out_dir and closes the figure."""
     out = Path(out_dir)
@@ -260,7 +282,10 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
         if runs.empty:
             continue
         name = gdir.name
-        if load.is_memory_grid(runs):
+        key = load.setting_sweep_key(runs)
+        if key is not None:
+            written += save(plot_setting_sweep(runs, key), out, f"{name}_{key.split('.')[-1]}")
+        elif load.is_memory_grid(runs):
             fig = plot_memory(runs, n_boot=min(n_boot, 500))
             if fig is not None:
                 written += save(fig, out, f"{name}_memory_scaling")
@@ -269,7 +294,7 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
         fig = plot_curves(runs, load.load_curves(gdir))
         if fig is not None:
             written += save(fig, out, f"{name}_curves")
-        if not load.is_memory_grid(runs):
+        if load.is_allocation_grid(runs):
             alloc.append(runs)
     # A budget run in several grids (e.g. seed replicates in a grid of their own) also gets one
     # figure with every seed pooled, which is the one to read for the optimum and its interval.

@@ -166,3 +166,24 @@ def test_unreadable_or_incomplete_curves_are_named(tmp_path):
     for f in ("half.csv", "empty.csv", "odd.csv"):
         assert f in named, named
     assert c["trial_id"].nunique() == n_good
+
+
+def test_learning_rate_grids_are_not_allocation_curves(tmp_path):
+    """A train.lr sweep at rho = 1 must not be pooled into its budget's allocation curve."""
+    from analysis import synthetic
+    from analysis.plots import make_all
+
+    grid = synthetic.write_rho_grid(tmp_path, "alloc", budgets=("small",), curves=False)
+    runs = load.load_runs(grid)
+    lr = runs[runs["rho"] == 1.0].copy()
+    lr["grid"], lr["sweep_key"] = "lr", "train.lr"
+    lr["lr"] = [1e-3, 2e-3, 4e-3][: len(lr)]
+    lr["sweep_value"] = lr["lr"].map(str)
+    (tmp_path / "lr").mkdir()
+    lr.drop(columns=["compute", "source_dir"], errors="ignore").to_csv(tmp_path / "lr" / "runs.csv", index=False)
+    lr_runs = load.load_runs(tmp_path / "lr")
+    assert load.setting_sweep_key(lr_runs) == "train.lr"
+    assert not load.is_allocation_grid(lr_runs) and load.is_allocation_grid(runs)
+    written = {p.name for p in make_all(tmp_path, tmp_path / "fig", n_boot=20)}
+    assert "lr_lr.png" in written and "alloc_allocation.png" in written
+    assert not any("pooled" in n for n in written)  # the lr rows joined no allocation curve
