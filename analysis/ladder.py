@@ -34,6 +34,8 @@ from analysis.fit import fit_optimum_vs_compute, fit_u_curve
 # The paper's gains of the best rho over rho = 1 (engram-paper.md section 2): 1.7248 -> 1.7109 at
 # 6e20 [paper, text]; ~1.829 -> ~1.8155 at 2e20 [read off the figure].
 PAPER_GAINS = {2e20: 1.829 - 1.8155, 6e20: 1.7248 - 1.7109}
+# The paper-regime CPU ladder (engram_jax.allocation.BUDGETS), smallest compute first.
+LADDER = ("cpu-1e12", "cpu-3e12", "cpu-1e13")
 NAN = float("nan")
 
 

@@ -303,4 +303,9 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
         for budget, d in pooled.groupby("budget"):
             if d["grid"].nunique() > 1:
                 written += save(plot_allocation(d, n_boot=n_boot), out, f"{budget}_allocation_pooled")
+        from analysis.ladder import LADDER, ladder_report, plot_ladder
+
+        ladder = pooled[pooled["budget"].isin(LADDER)]
+        if not ladder.empty:  # the paper's figure: every ladder budget's curve on one axes
+            written += save(plot_ladder(ladder, ladder_report(ladder, n_boot=n_boot)), out, "ladder")
     return written

@@ -25,10 +25,9 @@ import pandas as pd
 
 from analysis import load
 from analysis.fit import fit_u_curve
-from analysis.ladder import ladder_report, report_markdown
+from analysis.ladder import LADDER, ladder_report, report_markdown
 from analysis.report import ci, memory_fit
 
-LADDER = ("cpu-1e12", "cpu-3e12", "cpu-1e13")
 N_BOOT = 1000
 _BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end:(?P=name) -->)",
                     re.S)
