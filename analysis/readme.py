@@ -72,7 +72,10 @@ def block_ladder_results(results: Path) -> str:
     if not frames:
         return "No trial of the ladder has finished yet."
     runs = pd.concat(frames, ignore_index=True)
-    counts = ", ".join(f"{b}: {len(g)} of {21} trials" for b, g in runs.groupby("budget"))
+    from engram_jax.allocation import BUDGETS
+
+    counts = ", ".join(f"{b}: {len(g)} of {len(BUDGETS[b].rhos) * len(BUDGETS[b].seeds)} trials"
+                       for b, g in runs.groupby("budget"))
     return f"Finished: {counts}.\n\n" + report_markdown(ladder_report(runs, n_boot=N_BOOT))
 
 
