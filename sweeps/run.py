@@ -196,6 +196,8 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
     else:
         ray.init(**local_init_kwargs(a.num_cpus), runtime_env=runtime_env,
                  logging_level=logging.WARNING)
+        print(f"local Ray instance: node 127.0.0.1, no dashboard, token authentication "
+              f"{'on' if _token_auth_on() else 'OFF'}", flush=True)
     try:
         res, platform, max_conc = _resources(grid, ray.cluster_resources(), a.max_concurrent)
         print(f"resources per trial: {res} (JAX_PLATFORMS={platform}); up to {max_conc} at a time",
@@ -272,6 +274,14 @@ def local_init_kwargs(num_cpus: int | None) -> dict:
               "token from anyone who can reach its ports", file=sys.stderr, flush=True)
     return {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
             "num_cpus": num_cpus or os.cpu_count(), "object_store_memory": 200 * 1024**2}
+
+
+def _token_auth_on() -> bool:
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError:  # a Ray without token authentication
+        return False
+    return get_authentication_mode() == AuthenticationMode.TOKEN
 
 
 def _resources(grid: Grid, cluster: dict, max_concurrent: int | None) -> tuple[dict, str, int]:

@@ -134,6 +134,19 @@ def test_token_budget_and_train_sweeps_expand(tmp_path):
     assert all(t.model.moe.n_routed == 34 and t.meta["rho"] == 0.8 for t in grid.trials)
 
 
+def test_local_ray_instance_binds_its_node_to_loopback_without_dashboard(monkeypatch, capsys):
+    from sweeps.run import local_init_kwargs
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    kw = local_init_kwargs(2)
+    assert kw["address"] == "local"  # never joins a cluster found in /tmp/ray
+    assert kw["_node_ip_address"] == "127.0.0.1" and kw["include_dashboard"] is False
+    assert kw["num_cpus"] == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    local_init_kwargs(None)
+    assert "RAY_AUTH_MODE=disabled" in capsys.readouterr().err
+
+
 def test_driver_validation_imports_neither_jax_nor_ray():
     code = (
         "import sys; from sweeps.grid import load_grid; import sweeps.run; "
@@ -157,7 +170,9 @@ def test_micro_grid_runs_on_ray_and_refuses_to_overwrite(corpus, tmp_path, ray_e
     results = tmp_path / "results"
     rc = main([str(grid), "--results", str(results), "--max-concurrent", "1", "--num-cpus", "2"])
     out = results / "micro"
-    assert rc == 0, capsys.readouterr()
+    log = capsys.readouterr()
+    assert rc == 0, log
+    assert "local Ray instance: node 127.0.0.1, no dashboard, token authentication on" in log.out
     rows = _rows(out / "runs.csv")
     assert [r["trial_id"] for r in rows] == ["rho1.00-s0", "rho0.60-s0"]
     assert all(r["status"] == "ok" and float(r["val_loss"]) > 0 for r in rows)
