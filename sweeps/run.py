@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storage", default=None,
                     help="where Tune keeps results and checkpoints: a path every node sees or a "
                          "URI such as s3://bucket/prefix (default: <results>/<grid>/ray)")
+    ap.add_argument("--device-memory", type=float, default=None,
+                    help="GiB of one GPU/TPU for the memory check (default: from Ray's "
+                         "accelerator_type)")
     ap.add_argument("--max-failures", type=int, default=3,
                     help="restarts of a trial after a lost node or worker (default: 3)")
     a = ap.parse_args(argv)
@@ -202,6 +205,13 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
         res, platform, max_conc = _resources(grid, ray.cluster_resources(), a.max_concurrent)
         print(f"resources per trial: {res} (JAX_PLATFORMS={platform}); up to {max_conc} at a time",
               flush=True)
+        if platform in ("cuda", "tpu"):
+            pending = {c["trial_id"] for c in trial_configs}
+            why = check_memory([t for t in grid.trials if t.trial_id in pending], platform,
+                               ray.cluster_resources(), a.device_memory)
+            if why:
+                print(f"error: {why}", file=sys.stderr)
+                return 2
         # Each run is a fresh Tune experiment over the unfinished trials: finished ones come from
         # runs.csv, and an interrupted trial resumes from its checkpoint carried over from the
         # previous experiment.
@@ -274,6 +284,38 @@ def local_init_kwargs(num_cpus: int | None) -> dict:
               "token from anyone who can reach its ports", file=sys.stderr, flush=True)
     return {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
             "num_cpus": num_cpus or os.cpu_count(), "object_store_memory": 200 * 1024**2}
+
+
+def check_memory(trials, platform: str, cluster: dict, device_gib: float | None) -> str:
+    """Why the trials cannot fit one device ("" if they can, or if its memory is unknown).
+
+    The plan (``engram_jax.memory``: parameters, gradients, optimizer state, activations at the
+    grid's batch) of the largest trial is held against ``device_gib``, or else the memory of the
+    accelerator type Ray reports (``accelerator_type:H100`` ...).
+    """
+    from engram_jax.memory import DEVICE_MEMORY_GIB, GiB, describe, memory_plan
+
+    if device_gib is None:
+        types = [k.split(":", 1)[1] for k in cluster if k.startswith("accelerator_type:")]
+        known = [DEVICE_MEMORY_GIB[t.upper()] for t in types if t.upper() in DEVICE_MEMORY_GIB]
+        if not known:
+            print(f"note: device memory unknown (accelerator types {types or 'not reported'}); "
+                  "pass --device-memory GIB to check the memory plan", file=sys.stderr)
+            return ""
+        device_gib = min(known)
+    plans = {t.trial_id: memory_plan(t.model, t.train, platform=platform) for t in trials}
+    if not plans:
+        return ""
+    tid = max(plans, key=lambda k: plans[k]["total"])
+    plan = plans[tid]
+    print(f"memory plan of the largest trial ({tid}): {describe(plan)} of {device_gib:g} GiB",
+          flush=True)
+    if plan["total"] > device_gib * GiB:
+        batch = next(t.train.batch_size for t in trials if t.trial_id == tid)
+        return (f"trial {tid} needs about {plan['total'] / GiB:.1f} GiB per device "
+                f"({describe(plan)}) but the device has {device_gib:g} GiB; lower batch_size "
+                f"(now {batch}) or seq_len, or pass --device-memory if the device is larger")
+    return ""
 
 
 def _token_auth_on() -> bool:
