@@ -13,6 +13,9 @@ a message instead of an hour in. The plan is an upper-bound estimate, not XLA's 
   gradient over the vocabulary;
 - a fixed 1 GiB for XLA's workspace and the input batch.
 
+Measured on an H200 (JAX 0.11.2), two steps at the grids' batches: ``gpu-s`` rho 0.4 peaked at
+17.8 GiB (plan 20.4), ``gpu-m`` rho 0.4 at 61.6 GiB (plan 65.7).
+
 Offloaded Engram tables (``engram.offload``) and their moments live in host memory and are left
 out. Shapes: B batch, T sequence, D model, N heads, F hidden, E experts, K top-k, V vocabulary.
 """
