@@ -83,3 +83,24 @@ def test_storage_takes_paths_and_uris(tmp_path):
     uri = Storage(f"file://{tmp_path}/s/")
     assert uri.local and uri.path == f"{tmp_path}/s" and uri.uri == f"file://{tmp_path}/s"
     assert uri._uri("g.resume/a") == f"file://{tmp_path}/s/g.resume/a"
+
+
+def test_a_diverged_trial_becomes_an_error_row_without_a_retry(tmp_path):
+    """The trainable reports TrainingDiverged as its last result instead of raising (a restart
+    would diverge again); the driver's writer turns it into an error row."""
+    from types import SimpleNamespace
+
+    from sweeps.grid import load_grid
+    from sweeps.progress import RowWriter
+
+    g = tmp_path / "g.yaml"
+    g.write_text("name: g\nbase: smoke\nrho: [1.0]\n")
+    grid = load_grid(g, check_corpus=False)
+    writer = RowWriter(grid, tmp_path / "g", {}, "2.x")
+    trial = SimpleNamespace(config={"trial": {"trial_id": "rho1.00-s0"}},
+                            last_result={"done_record": 0, "error": "TrainingDiverged: loss is nan"})
+    writer.on_trial_complete(0, [], trial)
+    import csv
+
+    (row,) = list(csv.DictReader((tmp_path / "g" / "runs.csv").open()))
+    assert row["status"] == "error" and row["error"] == "TrainingDiverged: loss is nan"
