@@ -2,11 +2,23 @@
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed
+STAMP    = $(VENV)/.installed-$(ACCEL)
 GRID    ?= sweeps/grids/smoke.yaml
 RESULTS ?= results
 FORCE   ?= 0
+STORAGE ?=
 PYTEST_ARGS ?=
+# Which JAX build `make setup` installs: cuda when nvidia-smi lists a GPU, else cpu; ACCEL=cpu,
+# cuda or tpu overrides. The version range is the one pyproject.toml admits.
+ACCEL   ?= $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo cuda || echo cpu)
+JAX_RANGE := >=0.6,<0.13
+JAX_REQ_cpu  :=
+JAX_REQ_cuda := jax[cuda12]$(JAX_RANGE)
+JAX_REQ_tpu  := jax[tpu]$(JAX_RANGE)
+JAX_REQ := $(JAX_REQ_$(ACCEL))
+ifeq ($(filter $(ACCEL),cpu cuda tpu),)
+$(error ACCEL must be cpu, cuda or tpu, got '$(ACCEL)')
+endif
 
 .PHONY: setup test test-all sweep plots fit readme bench contracts lint clean
 
@@ -19,6 +31,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet "torch==2.13.0"
 	$(VPY) -m pip install --quiet -e ".[sweep,analysis,notebooks,parity,test]"
+	$(if $(JAX_REQ),$(VPY) -m pip install --quiet "$(JAX_REQ)",@echo "JAX: CPU build (ACCEL=cpu)")
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -28,7 +41,7 @@ test-all: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 sweep: $(STAMP)
-	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,)
+	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,) $(if $(STORAGE),--storage $(STORAGE),)
 
 fit: $(STAMP)
 	$(VPY) -m analysis fit $(RESULTS)/$(notdir $(basename $(GRID)))

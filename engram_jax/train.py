@@ -68,7 +68,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "pystdlib",
               out_dir: str | Path, report: Callable[[dict], None] | None = None,
-              progress: bool = True, meta: dict | None = None) -> dict:
+              progress: bool = True, meta: dict | None = None,
+              sync_checkpoints: bool = False) -> dict:
     """Train one model and return its result record (also written to ``out_dir/record.json``).
 
     The steps, each a function below: ``_claim_out_dir`` (a finished run returns its record),
@@ -82,6 +83,9 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
       report: called with a metrics dict at every log step (the sweep forwards it to Ray Tune).
       progress: show a progress bar on stderr.
       meta: extra fields copied into the record (grid, trial_id, rho, seed, budget ...).
+      sync_checkpoints: wait for each checkpoint to be complete on disk before the ``report``
+        that follows it, so that ``report`` may copy ``out_dir`` elsewhere (the sweeps persist
+        it as a Ray Tune checkpoint); by default orbax saves in the background.
 
     Raises:
       TrainingDiverged: the loss became NaN/Inf (the message names the step).
@@ -94,6 +98,7 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
     if done is not None:
         return done
     run = _Run.build(cfg, train_cfg, corpus, out, progress=progress)
+    run.sync_checkpoints = sync_checkpoints
     run.train(report)
     val_loss, val_tokens = run.final_eval()
     record = run.record(val_loss, val_tokens, meta, t_start)
@@ -122,6 +127,8 @@ def _claim_out_dir(cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path) 
 
 class _Run:
     """One trial's live objects: data, jitted steps, state, checkpoints and the metrics log."""
+
+    sync_checkpoints = False
 
     @classmethod
     def build(cls, cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path, *,
@@ -252,6 +259,8 @@ class _Run:
                     self.ckpt.save(step, self.state)  # before reporting: a report marks a resumable step
                     if store is not None:
                         store.save(self.out / "host_tables", step)
+                    if self.sync_checkpoints:
+                        self.ckpt.wait()
                     flush(step, m, v)
                     pending = None
                     t_mark = time.perf_counter()

@@ -14,7 +14,7 @@ A grid file (YAML) names a base and what varies. Schema (every key optional unle
     steps: 60                    # or tokens: 2.0e6 (steps = ceil(tokens / (batch_size * seq_len)))
     batch_size: 16
     corpus: pystdlib             # "pystdlib" | "pysrc" | a path
-    resources: auto              # or {cpu: N, gpu: 0|1}
+    resources: auto              # or {cpu: N, gpu: 0|1} or {cpu: N, tpu: chips} (Ray's TPU)
     train: {lr: 1e-3}            # TrainConfig overrides (not steps/batch_size/seed: keys above)
     model: {seq_len: 64}         # ModelConfig dotted overrides of the base, before allocation
     engram: {d_head: 8}          # the Engram plan (EngramConfig fields; table_sizes solved for
@@ -287,16 +287,19 @@ def _resources(v, fail) -> str | dict[str, int]:
     if v == "auto":
         return "auto"
     if not isinstance(v, dict):
-        raise fail(f"resources must be 'auto' or a mapping {{cpu: N, gpu: 0|1}}, got {v!r}")
-    bad = sorted(set(v) - {"cpu", "gpu"})
+        raise fail(f"resources must be 'auto' or a mapping {{cpu: N, gpu: 0|1, tpu: N}}, got {v!r}")
+    bad = sorted(set(v) - {"cpu", "gpu", "tpu"})
     if bad:
-        raise fail(f"unknown resources key(s) {bad}; allowed: cpu, gpu")
-    cpu, gpu = v.get("cpu", 1), v.get("gpu", 0)
+        raise fail(f"unknown resources key(s) {bad}; allowed: cpu, gpu, tpu")
+    cpu, gpu, tpu = v.get("cpu", 1), v.get("gpu", 0), v.get("tpu", 0)
     if not isinstance(cpu, int) or cpu < 1:
         raise fail(f"resources.cpu must be an integer >= 1, got {cpu!r}")
     if gpu not in (0, 1):
         raise fail(f"resources.gpu must be 0 or 1 (one GPU per trial), got {gpu!r}")
-    return {"cpu": cpu, "gpu": gpu}
+    if not isinstance(tpu, int) or tpu < 0 or (tpu and gpu):
+        raise fail(f"resources.tpu must be an integer >= 0 (TPU chips per trial, Ray's TPU "
+                   f"resource) and not combined with gpu, got tpu={tpu!r}, gpu={gpu!r}")
+    return {"cpu": cpu, "gpu": gpu, "tpu": tpu}
 
 
 def _check_corpus(spec: str, fail) -> None:

@@ -18,6 +18,9 @@ class Progress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid = trial.config["trial"]["trial_id"]
+        if result.get("error"):  # a deterministic failure the trial reported (not retried)
+            print(f"[{tid}] FAILED: {result['error']}", flush=True)
+            return
         if result.get("done_record"):
             ep = result.get("epochs")
             line = (f"[{tid}] done: val {_f(result.get('val_loss'))} (best {_f(result.get('best_val_loss'))})"
@@ -55,8 +58,10 @@ class RowWriter(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         res = trial.last_result or {}
-        if res.get("record_json"):
-            tid = trial.config["trial"]["trial_id"]
+        tid = trial.config["trial"]["trial_id"]
+        if res.get("error"):
+            self.errors[tid] = res["error"]
+        elif res.get("record_json"):
             self.records[tid] = json.loads(res["record_json"])
             write_curves(self.out, tid, res.get("metrics_jsonl", ""))
         self.write()

@@ -1,21 +1,26 @@
-"""Run a grid on Ray Tune: ``python -m sweeps.run GRID.yaml [--results DIR] [--force]``.
+"""Run a grid on Ray Tune: ``python -m sweeps.run GRID.yaml [--results DIR] [--storage WHERE] [--force]``.
 
 Ray Tune only schedules; one trial is one ``engram_jax.train.run_trial`` call (``trainable.py``).
-A local Ray instance is started unless ``RAY_ADDRESS`` names an existing cluster. GPU trials get one
-GPU each where the cluster has GPUs (``JAX_PLATFORMS=cuda``), CPU trials otherwise. This driver
-never imports JAX.
+A local Ray instance is started (node IP 127.0.0.1, no dashboard, token authentication) unless
+``RAY_ADDRESS`` names an existing cluster. GPU trials get one GPU each where the cluster has GPUs
+(``JAX_PLATFORMS=cuda``), TPU trials the ``TPU`` resource (``JAX_PLATFORMS=tpu``), CPU trials
+otherwise. This driver never imports JAX.
 
 Layout under ``<results>/<grid>/``: ``runs.csv``, ``curves/``, ``README.md`` (the tidy results),
-``grid.json`` (the expanded trials), and, git-ignored, ``trials/<trial_id>/`` (each trial's
-metrics, record and orbax checkpoint) and ``ray/`` (Tune's experiment state).
+``grid.json`` (the expanded trials), and, git-ignored, ``ray/``: the default ``--storage``, where
+Tune keeps the experiment (results, state, and each trial's checkpoints: the orbax state, metrics
+and, once finished, the record). On a cluster, ``--storage`` must name a place every node and the
+driver can reach: a shared path or a pyarrow-filesystem URI (``s3://bucket/prefix``, ``gs://...``).
+Trials train in a scratch directory on their node; what the driver writes comes to it through Tune.
 
 ``runs.csv`` (with ``curves/`` and ``README.md``) is rewritten atomically each time a trial
 finishes, from the record and curve that reach the driver with the trial's last Tune result.
 Rerunning the same command continues a grid: rows already ``ok`` in ``runs.csv`` are kept exactly
-as they are and their trials are not run again; the others train (resuming from their own
-checkpoint under ``trials/`` when this machine has it). So a grid can be continued on another
-machine from its committed files alone (``runs.csv``, ``curves/``, ``README.md``, ``grid.json``),
-even after the driver was killed without warning. A finished grid is never overwritten without
+as they are and their trials are not run again; the others train, resuming from their last
+checkpoint in the storage when it has one. So a grid can be continued on another machine from its
+committed files alone (``runs.csv``, ``curves/``, ``README.md``, ``grid.json``), even after the
+driver was killed without warning. A trial whose node dies is restarted by Tune
+(``--max-failures``) from its last checkpoint. A finished grid is never overwritten without
 ``--force``. Exit status: 0 all trials finished; 1 some failed or were interrupted; 2 invalid
 grid; 3 refused.
 """
@@ -38,9 +43,8 @@ from sweeps.results import (
 from sweeps.trainable import spec_to_config, train_trial
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENT = "tune"
 _OWNED = ("runs.csv", "curves", "README.md", "grid.json", "trials", "ray", ".gitignore")
-_GITIGNORE = "# checkpoints and Ray state stay out of git; runs.csv, curves/ and README.md are the results\ntrials/\nray/\n"
+_GITIGNORE = "# checkpoints and Ray state stay out of git; runs.csv, curves/ and README.md are the results\nray/\n"
 
 # Fast, quiet Ray start-up; set before Ray is imported. Users can override each.
 for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
@@ -122,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-concurrent", type=int, default=None,
                     help="trials at once (default: as many as the resources allow)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    ap.add_argument("--storage", default=None,
+                    help="where Tune keeps results and checkpoints: a path every node sees or a "
+                         "URI such as s3://bucket/prefix (default: <results>/<grid>/ray)")
+    ap.add_argument("--device-memory", type=float, default=None,
+                    help="GiB of one GPU/TPU for the memory check (default: from Ray's "
+                         "accelerator_type)")
+    ap.add_argument("--max-failures", type=int, default=3,
+                    help="restarts of a trial after a lost node or worker (default: 3)")
     a = ap.parse_args(argv)
 
     try:
@@ -147,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{grid.name!r} ({why}); restore the grid file to resume, or pass --force to "
                   "start over", file=sys.stderr)
             return 3
+    from sweeps.storage import Storage
+
+    a.storage_default = a.storage is None
+    a.storage = Storage(a.storage or out / "ray")
     if a.force:
+        a.storage.delete(grid.name)
         for name in _OWNED:
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -173,27 +190,40 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
 
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    storage = a.storage
     if os.environ.get("RAY_ADDRESS"):
+        if storage.local and a.storage_default:
+            print(f"note: on a cluster without a shared filesystem, pass --storage (a path every "
+                  f"node sees, or s3://...); using {storage.uri}", file=sys.stderr, flush=True)
         ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING,
-                 num_cpus=a.num_cpus or os.cpu_count(), object_store_memory=200 * 1024**2)
+        ray.init(**local_init_kwargs(a.num_cpus), runtime_env=runtime_env,
+                 logging_level=logging.WARNING)
+        print(f"local Ray instance: node 127.0.0.1, no dashboard, token authentication "
+              f"{'on' if _token_auth_on() else 'OFF'}", flush=True)
     try:
         res, platform, max_conc = _resources(grid, ray.cluster_resources(), a.max_concurrent)
         print(f"resources per trial: {res} (JAX_PLATFORMS={platform}); up to {max_conc} at a time",
               flush=True)
+        if platform in ("cuda", "tpu"):
+            pending = {c["trial_id"] for c in trial_configs}
+            why = check_memory([t for t in grid.trials if t.trial_id in pending], platform,
+                               ray.cluster_resources(), a.device_memory)
+            if why:
+                print(f"error: {why}", file=sys.stderr)
+                return 2
+        # Each run is a fresh Tune experiment over the unfinished trials: finished ones come from
+        # runs.csv, and an interrupted trial resumes from its checkpoint carried over from the
+        # previous experiment.
+        resume = storage.prepare_run(grid.name, [c["trial_id"] for c in trial_configs])
         for c in trial_configs:
-            c["out_dir"] = str(out / "trials" / c["trial_id"])
             c["platform"] = platform
             c["cpus"] = res["cpu"]
+            if c["trial_id"] in resume:
+                c["resume_from"] = resume[c["trial_id"]]
         writer = RowWriter(grid, out, kept, ray.__version__)
-        trainable = tune.with_resources(train_trial, res)
+        trainable = tune.with_resources(train_trial, _bundle(res))
         param_space = {"trial": tune.grid_search(trial_configs)}
-        # Each run is a fresh Tune experiment over the unfinished trials: finished ones come from
-        # runs.csv, and an interrupted trial resumes from its own checkpoint under trials/.
-        exp = out / "ray" / EXPERIMENT
-        if exp.exists():
-            shutil.rmtree(exp)
         # SIGTERM stops like Ctrl-C: Tune stops the trials, finished ones are already written.
         prev_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
         tuner = tune.Tuner(
@@ -204,9 +234,11 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0,
+                name=grid.name, storage_path=storage.path, storage_filesystem=storage.fs,
+                verbose=0,
                 callbacks=[Progress(), writer, JsonLoggerCallback(), CSVLoggerCallback()],
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=a.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
         result_grid = tuner.fit()
@@ -215,6 +247,7 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
                 lines = [ln for ln in str(r.error).strip().splitlines() if ln.strip()]
                 writer.errors[r.config["trial"]["trial_id"]] = (lines[-1].strip() if lines
                                                                 else repr(r.error))
+        storage.forget(grid.name, sorted(writer.records))
     finally:
         ray.shutdown()
         if "prev_sigterm" in locals():
@@ -239,19 +272,100 @@ def _write_results(writer) -> int:
     return 0
 
 
+def local_init_kwargs(num_cpus: int | None) -> dict:
+    """``ray.init`` arguments of the local instance a sweep starts when ``RAY_ADDRESS`` is unset:
+    its node address is the loopback one and there is no dashboard. Ray 2.60 turns its token
+    authentication on for a new local instance unless ``RAY_AUTH_MODE`` says otherwise (the token
+    is ``~/.ray/auth_token``, created by Ray if missing). README, "Exposure", says what still
+    listens on other interfaces."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        print(f"WARNING: RAY_AUTH_MODE={mode}: the local Ray instance accepts requests without a "
+              "token from anyone who can reach its ports", file=sys.stderr, flush=True)
+    return {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
+            "num_cpus": num_cpus or os.cpu_count(), "object_store_memory": 200 * 1024**2}
+
+
+def check_memory(trials, platform: str, cluster: dict, device_gib: float | None) -> str:
+    """Why the trials cannot fit one device ("" if they can, or if its memory is unknown).
+
+    The plan (``engram_jax.memory``: parameters, gradients, optimizer state, activations at the
+    grid's batch) of the largest trial is held against ``device_gib``, or else the memory of the
+    accelerator type Ray reports (``accelerator_type:H100`` ...).
+    """
+    from engram_jax.memory import DEVICE_MEMORY_GIB, GiB, describe, memory_plan
+
+    if device_gib is None:
+        types = [k.split(":", 1)[1] for k in cluster if k.startswith("accelerator_type:")]
+        known = [DEVICE_MEMORY_GIB[t.upper()] for t in types if t.upper() in DEVICE_MEMORY_GIB]
+        if not known:
+            print(f"note: device memory unknown (accelerator types {types or 'not reported'}); "
+                  "pass --device-memory GIB to check the memory plan", file=sys.stderr)
+            return ""
+        device_gib = min(known)
+    plans = {t.trial_id: memory_plan(t.model, t.train, platform=platform) for t in trials}
+    if not plans:
+        return ""
+    tid = max(plans, key=lambda k: plans[k]["total"])
+    plan = plans[tid]
+    print(f"memory plan of the largest trial ({tid}): {describe(plan)} of {device_gib:g} GiB",
+          flush=True)
+    if plan["total"] > device_gib * GiB:
+        batch = next(t.train.batch_size for t in trials if t.trial_id == tid)
+        return (f"trial {tid} needs about {plan['total'] / GiB:.1f} GiB per device "
+                f"({describe(plan)}) but the device has {device_gib:g} GiB; lower batch_size "
+                f"(now {batch}) or seq_len, or pass --device-memory if the device is larger")
+    return ""
+
+
+def _token_auth_on() -> bool:
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError:  # a Ray without token authentication
+        return False
+    return get_authentication_mode() == AuthenticationMode.TOKEN
+
+
 def _resources(grid: Grid, cluster: dict, max_concurrent: int | None) -> tuple[dict, str, int]:
-    n_gpu, n_cpu = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+    """(resources per trial, JAX platform, trials at once) for ``grid`` on a cluster with the
+    resources ``cluster`` (``ray.cluster_resources()``). ``auto``: one GPU per trial where the
+    cluster has GPUs, else one TPU chip (Ray's ``TPU`` resource) where it has TPUs, else one CPU;
+    as many trials at once as GPUs (or TPU chips, or CPUs)."""
+    n_gpu, n_tpu = int(cluster.get("GPU", 0)), int(cluster.get("TPU", 0))
+    n_cpu = max(1, int(cluster.get("CPU", 1)))
     res = grid.resources
     if res == "auto":
-        res = {"cpu": max(1, min(8, n_cpu // n_gpu)), "gpu": 1} if n_gpu else {"cpu": 1, "gpu": 0}
+        if n_gpu:
+            res = {"cpu": max(1, min(8, n_cpu // n_gpu)), "gpu": 1, "tpu": 0}
+        elif n_tpu:
+            res = {"cpu": max(1, min(8, n_cpu // n_tpu)), "gpu": 0, "tpu": 1}
+        else:
+            res = {"cpu": 1, "gpu": 0, "tpu": 0}
+    res = {"cpu": res["cpu"], "gpu": res.get("gpu", 0), "tpu": res.get("tpu", 0)}
     if res["gpu"] and not n_gpu:
         raise SystemExit(f"error: grid {grid.name!r} asks for a GPU per trial but the Ray cluster has none "
                          "(use resources: auto or {cpu: N, gpu: 0})")
+    if res["tpu"] > n_tpu:
+        raise SystemExit(f"error: grid {grid.name!r} asks for {res['tpu']} TPU chip(s) per trial; the "
+                         f"Ray cluster has {n_tpu} (use resources: auto or {{cpu: N, tpu: 0}})")
     if res["cpu"] > n_cpu:
         raise SystemExit(f"error: grid {grid.name!r} asks for {res['cpu']} CPUs per trial; the Ray "
                          f"cluster has {n_cpu}")
-    fit = n_gpu if res["gpu"] else n_cpu // res["cpu"]
-    return res, ("cuda" if res["gpu"] else "cpu"), max(1, max_concurrent or fit)
+    if res["gpu"]:
+        platform, fit = "cuda", n_gpu // res["gpu"]
+    elif res["tpu"]:
+        platform, fit = "tpu", n_tpu // res["tpu"]
+    else:
+        platform, fit = "cpu", n_cpu // res["cpu"]
+    return res, platform, max(1, max_concurrent or fit)
+
+
+def _bundle(res: dict) -> dict:
+    """Ray resource names of a trial's request (``TPU`` is a custom resource in Ray)."""
+    out = {"CPU": res["cpu"], "GPU": res["gpu"]}
+    if res.get("tpu"):
+        out["TPU"] = res["tpu"]
+    return out
 
 
 def _trial_name(trial) -> str:

@@ -1,10 +1,14 @@
 """The Ray Tune trainable: one trial = one call of ``engram_jax.train.run_trial``.
 
-Runs inside a Ray worker. ``JAX_PLATFORMS`` is set from the trial spec before JAX is first
-imported (the driver never imports JAX). Each trial trains in its own stable ``out_dir``, so after
-an interruption the trial resumes from its own orbax checkpoint there, and a finished trial returns
-its stored record at once instead of training again. The Tune checkpoint reported at each
-evaluation is only a marker (step, out_dir); the model state lives in ``out_dir``.
+Runs inside a Ray worker, on whichever node Ray chose. ``JAX_PLATFORMS`` is set from the trial
+spec before JAX is first imported (the driver never imports JAX). The trial trains in a scratch
+directory on its node; at each evaluation the orbax state, ``metrics.jsonl`` and ``config.json``
+are copied into a Tune checkpoint, which Ray persists to the experiment's storage (``--storage``:
+a path every node sees, or a URI such as ``s3://...``). A trial that Ray restarts (its node died,
+``FailureConfig``) restores that checkpoint with ``tune.get_checkpoint()``; a trial left unfinished
+by an earlier run of the grid restores the checkpoint the driver carried over for it
+(``resume_from``). The final result carries the record and the metric curve to the driver, and
+the final checkpoint holds them too, so nothing is ever read from a worker's disk.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-
 CPU_SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+MANIFEST = "manifest.json"  # written into every checkpoint: its step and the size of each file
 
 
 def spec_to_config(spec) -> dict:
@@ -32,9 +37,44 @@ def spec_to_config(spec) -> dict:
     }
 
 
+def pack_checkpoint(src: Path, dst: Path, step: int | None) -> None:
+    """Copy a trial's resumable state from ``src`` (its out_dir) into ``dst``: ``config.json``,
+    ``metrics.jsonl``, ``record.json`` if finished, and the orbax checkpoint (with the offloaded
+    host tables) of ``step``. ``manifest.json`` lists every file with its size, so a checkpoint
+    cut short while being persisted is recognised as incomplete."""
+    files = [n for n in ("config.json", "metrics.jsonl", "record.json") if (src / n).exists()]
+    if step is not None:
+        files += [str(p.relative_to(src)) for p in sorted((src / "ckpt" / str(step)).rglob("*"))
+                  if p.is_file()]
+        files += [f"ckpt/{p.name}" for p in (src / "ckpt").iterdir() if p.is_file()]
+        ht = src / "host_tables" / f"{step}.npz"
+        if ht.exists():
+            files.append(f"host_tables/{step}.npz")
+    for rel in files:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src / rel, dst / rel)
+        except OSError:
+            shutil.copy2(src / rel, dst / rel)
+    manifest = {"step": step, "files": {rel: (dst / rel).stat().st_size for rel in files}}
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def unpack_checkpoint(checkpoint, out_dir: Path) -> dict:
+    """Restore a Tune checkpoint made by ``pack_checkpoint`` into ``out_dir``; returns its manifest."""
+    checkpoint.to_directory(str(out_dir))
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    bad = [rel for rel, size in manifest["files"].items()
+           if not (out_dir / rel).exists() or (out_dir / rel).stat().st_size != size]
+    if bad:
+        raise RuntimeError(f"checkpoint {checkpoint.path} is incomplete (missing or short: "
+                           f"{', '.join(bad[:5])})")
+    return manifest
+
+
 def train_trial(config: dict) -> None:
-    """Tune function trainable. ``config["trial"]`` is a ``spec_to_config`` dict plus out_dir and
-    platform ("cpu" or "cuda")."""
+    """Tune function trainable. ``config["trial"]`` is a ``spec_to_config`` dict plus platform
+    ("cpu", "cuda" or "tpu"), cpus, and ``resume_from`` (a checkpoint path or URI, or absent)."""
     t = config["trial"]
     os.environ["JAX_PLATFORMS"] = t["platform"]
     if t["platform"] == "cpu" and t.get("cpus") == 1 and "XLA_FLAGS" not in os.environ:
@@ -44,29 +84,42 @@ def train_trial(config: dict) -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)  # no line per saved Tune checkpoint
     from ray import tune
 
-    from engram_jax.config import ModelConfig, TrainConfig
-    from engram_jax.train import run_trial
+    tid = t["trial_id"]
+    scratch = Path(tempfile.mkdtemp(prefix=f"engram-{tid}-"))
+    try:
+        prev, source = tune.get_checkpoint(), "its last checkpoint (trial restarted)"
+        if prev is None and t.get("resume_from"):
+            prev, source = tune.Checkpoint(t["resume_from"]), "the checkpoint of an earlier run"
+        if prev is not None:
+            manifest = unpack_checkpoint(prev, scratch)
+            print(f"[{tid}] resuming after step {manifest['step']} from {source}", flush=True)
+        _train(t, scratch, tune)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
-    out_dir = Path(t["out_dir"])
-    prev = tune.get_checkpoint()
-    if prev is not None:
-        with prev.as_directory() as d:
-            marker = json.loads((Path(d) / "marker.json").read_text())
-        print(f"[{t['trial_id']}] resuming after step {marker['step']} from {out_dir}", flush=True)
+
+def _train(t: dict, out_dir: Path, tune) -> None:
+    from engram_jax.config import ModelConfig, TrainConfig
+    from engram_jax.train import TrainingDiverged, run_trial
 
     def report(metrics: dict) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if "val_loss" not in metrics:
             tune.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as d:  # an evaluation step: orbax saved just now
-            (Path(d) / "marker.json").write_text(json.dumps({"step": metrics["step"], "out_dir": str(out_dir)}))
+        # An evaluation step: its orbax checkpoint is complete on disk (sync_checkpoints).
+        with tempfile.TemporaryDirectory(prefix="engram-ckpt-") as d:
+            pack_checkpoint(out_dir, Path(d), metrics["step"])
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    record = run_trial(
-        ModelConfig.from_dict(t["model"]), TrainConfig(**t["train"]), corpus=t["corpus"],
-        out_dir=out_dir, report=report, progress=False, meta=t["meta"],
-    )
+    try:
+        record = run_trial(
+            ModelConfig.from_dict(t["model"]), TrainConfig(**t["train"]), corpus=t["corpus"],
+            out_dir=out_dir, report=report, progress=False, meta=t["meta"], sync_checkpoints=True,
+        )
+    except TrainingDiverged as e:  # deterministic: a retry would diverge again
+        tune.report({"done_record": 0, "error": f"TrainingDiverged: {e}"})
+        return
     final = {k: record[k] for k in ("val_loss", "best_val_loss", "train_loss", "epochs", "steps",
                                     "tokens_seen") if isinstance(record.get(k), (int, float))}
     if isinstance(record.get("tokens_per_s"), (int, float)):
@@ -77,4 +130,7 @@ def train_trial(config: dict) -> None:
     final["record_json"] = json.dumps(record)
     metrics = out_dir / "metrics.jsonl"
     final["metrics_jsonl"] = metrics.read_text() if metrics.exists() else ""
-    tune.report(final)
+    # The last checkpoint holds the record: a rerun after a driver crash returns it at once.
+    with tempfile.TemporaryDirectory(prefix="engram-ckpt-") as d:
+        pack_checkpoint(out_dir, Path(d), None)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(d))

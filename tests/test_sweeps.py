@@ -85,7 +85,8 @@ INVALID = {
     "missing-corpus": ("budget: smoke\ncorpus: /nonexistent/corpus/dir\n", r"corpus: corpus '/nonexistent/corpus/dir' not found"),
     "malformed-yaml": ("budget: smoke\nrho: [1.0, 0.8\n", r"malformed YAML"),
     "bad-train-key": ("budget: smoke\ntrain: {lr: 0.1, lrr: 2}\n", r"unknown train key\(s\) \['lrr'\]"),
-    "bad-resources": ("budget: smoke\nresources: {cpu: 1, tpu: 1}\n", r"unknown resources key\(s\) \['tpu'\]"),
+    "bad-resources": ("budget: smoke\nresources: {cpu: 1, npu: 1}\n", r"unknown resources key\(s\) \['npu'\]"),
+    "gpu-and-tpu": ("budget: smoke\nresources: {cpu: 1, gpu: 1, tpu: 4}\n", r"not combined with gpu"),
 }
 
 
@@ -133,6 +134,19 @@ def test_token_budget_and_train_sweeps_expand(tmp_path):
     assert all(t.model.moe.n_routed == 34 and t.meta["rho"] == 0.8 for t in grid.trials)
 
 
+def test_local_ray_instance_binds_its_node_to_loopback_without_dashboard(monkeypatch, capsys):
+    from sweeps.run import local_init_kwargs
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    kw = local_init_kwargs(2)
+    assert kw["address"] == "local"  # never joins a cluster found in /tmp/ray
+    assert kw["_node_ip_address"] == "127.0.0.1" and kw["include_dashboard"] is False
+    assert kw["num_cpus"] == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    local_init_kwargs(None)
+    assert "RAY_AUTH_MODE=disabled" in capsys.readouterr().err
+
+
 def test_driver_validation_imports_neither_jax_nor_ray():
     code = (
         "import sys; from sweeps.grid import load_grid; import sweeps.run; "
@@ -156,7 +170,9 @@ def test_micro_grid_runs_on_ray_and_refuses_to_overwrite(corpus, tmp_path, ray_e
     results = tmp_path / "results"
     rc = main([str(grid), "--results", str(results), "--max-concurrent", "1", "--num-cpus", "2"])
     out = results / "micro"
-    assert rc == 0, capsys.readouterr()
+    log = capsys.readouterr()
+    assert rc == 0, log
+    assert "local Ray instance: node 127.0.0.1, no dashboard, token authentication on" in log.out
     rows = _rows(out / "runs.csv")
     assert [r["trial_id"] for r in rows] == ["rho1.00-s0", "rho0.60-s0"]
     assert all(r["status"] == "ok" and float(r["val_loss"]) > 0 for r in rows)
@@ -170,7 +186,13 @@ def test_micro_grid_runs_on_ray_and_refuses_to_overwrite(corpus, tmp_path, ray_e
         assert curve[-1]["step"] == "4"
     readme = (out / "README.md").read_text()
     assert "sweeps.run" in readme and "ray 2." in readme and "device kind: cpu" in readme
-    assert (out / ".gitignore").read_text().count("trials/") == 1
+    assert (out / ".gitignore").read_text().count("ray/") == 1
+    # Everything a trial left lives in Tune's storage (default: <grid>/ray): the last checkpoint
+    # of a finished trial holds its record; no trial wrote into the results directory.
+    assert not (out / "trials").exists()
+    for r in rows:
+        (ckpt,) = (out / "ray" / "micro" / r["trial_id"]).glob("checkpoint_*")
+        assert json.loads((ckpt / "record.json").read_text())["val_loss"] == float(r["val_loss"])
 
     before = _snapshot(out)
     assert main([str(grid), "--results", str(results)]) == 3
@@ -185,24 +207,25 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(corpus, tmp
     cmd = [sys.executable, "-m", "sweeps.run", str(grid), "--results", str(results),
            "--max-concurrent", "1", "--num-cpus", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = results / "micro" / "trials" / "rho1.00-s0" / "record.json"
+    runs = results / "micro" / "runs.csv"
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         deadline = time.time() + 240
-        while not first.exists() and proc.poll() is None and time.time() < deadline:
+        while proc.poll() is None and time.time() < deadline:
+            if runs.exists() and any(r["status"] == "ok" for r in _rows(runs)):
+                break
             time.sleep(0.5)
-        assert first.exists(), "the first trial did not finish"
         proc.send_signal(signal.SIGINT)  # Ctrl-C while the second trial runs (or starts)
         log1, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    first_record = first.read_bytes()
-    rows = _rows(results / "micro" / "runs.csv")
+    rows = _rows(runs)
     by_id = {r["trial_id"]: r["status"] for r in rows}
-    assert by_id["rho1.00-s0"] == "ok"
+    assert by_id["rho1.00-s0"] == "ok", log1
+    first_row = rows[0]
     if by_id["rho0.60-s0"] != "ok":  # interrupted in time (not if trial 2 was already done)
         assert proc.returncode == 1, log1
 
@@ -213,7 +236,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(corpus, tmp
     rows = _rows(results / "micro" / "runs.csv")
     assert sorted(r["trial_id"] for r in rows) == ["rho0.60-s0", "rho1.00-s0"]
     assert all(r["status"] == "ok" for r in rows)
-    assert first.read_bytes() == first_record  # the finished trial was not trained again
+    assert rows[0] == first_row  # the finished trial was not trained again
     assert "[rho1.00-s0] step 1 " not in second.stdout
     for tid in ("rho1.00-s0", "rho0.60-s0"):
         assert (results / "micro" / "curves" / f"{tid}.csv").exists()
@@ -251,7 +274,7 @@ def test_hard_killed_grid_continues_on_a_fresh_checkout(corpus, tmp_path, ray_en
     first_curve = (out / "curves" / "rho1.00-s0.csv").read_bytes()
     import shutil
 
-    for name in ("trials", "ray"):  # a fresh clone holds only the committed files
+    for name in ("trials", "ray"):  # a fresh clone holds only the committed files (and storage)
         shutil.rmtree(out / name, ignore_errors=True)
 
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -260,7 +283,7 @@ def test_hard_killed_grid_continues_on_a_fresh_checkout(corpus, tmp_path, ray_en
     after = {r["trial_id"]: r for r in _rows(out / "runs.csv")}
     assert after["rho1.00-s0"] == done["rho1.00-s0"]  # same config hash, same values, as written
     assert after["rho0.60-s0"]["status"] == "ok" and float(after["rho0.60-s0"]["val_loss"]) > 0
-    assert not (out / "trials" / "rho1.00-s0").exists()  # the finished trial did not train again
+    assert "[rho1.00-s0] step 1 " not in second.stdout  # the finished trial did not train again
     assert (out / "curves" / "rho1.00-s0.csv").read_bytes() == first_curve
     assert (out / "curves" / "rho0.60-s0.csv").exists()
 
