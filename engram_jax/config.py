@@ -73,6 +73,10 @@ class EngramConfig:
       conv: use the short convolution (off: Y = gated value).
       table_init_std: std of the table init; None means 1 / sqrt(d_head) (as MaxText).
       offload: keep tables in host memory and feed the rows a batch needs (train-time switch).
+      gate_per_branch: with ``hc_mult > 1``, one key projection, key/query norm and gate per
+        residual branch (the paper and the public demo); False shares one gate across the branches
+        (the paper's per-branch-gating ablation; layers/engram_branches.py). No effect at
+        ``hc_mult = 1``.
     """
 
     layer_ids: tuple[int, ...]
@@ -87,6 +91,7 @@ class EngramConfig:
     conv: bool = True
     table_init_std: float | None = None
     offload: bool = False
+    gate_per_branch: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "layer_ids", tuple(int(x) for x in self.layer_ids))
@@ -301,7 +306,7 @@ class ModelConfig:
 LATE_FIELDS: dict[str, tuple[str, ...]] = {
     "ModelConfig": ("overencoding",),
     "MoEConfig": (),
-    "EngramConfig": (),
+    "EngramConfig": ("gate_per_branch",),
     "OverEncodingConfig": (),
     "TrainConfig": ("final_eval_tokens", "optimizer", "muon_lr_mult"),
 }

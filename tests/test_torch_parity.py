@@ -1,9 +1,12 @@
 """Parity of the Flax ``Engram`` module with a PyTorch reference (engram-paper.md section 1).
 
-PyTorch is the reference framework. The classes below restate, for a single residual branch
-(hc_mult = 1), the module semantics of the public Engram demo (deepseek-ai/Engram,
-``engram_demo_v1.py``: ``MultiHeadEmbedding``, ``ShortConv``, ``Engram``). Our module gets every
-weight copied into the reference, hash ids come from our ``NgramHasher``, and we compare:
+PyTorch is the reference framework. The classes below restate the module semantics of the public
+Engram demo (deepseek-ai/Engram, ``engram_demo_v1.py``: ``MultiHeadEmbedding``, ``ShortConv``,
+``Engram``) for ``hc_mult`` residual branches: the single-branch cases (hc_mult = 1) check
+``layers/engram.Engram``, the multi-branch ones (hc_mult = 2 and the demo's 4, at the end) check
+``layers/engram_branches.MultiBranchEngram`` against the demo's per-branch key projections, norms
+and gates and its ShortConv over hc_mult * D channels, plus the shared-gate ablation. Our module
+gets every weight copied into the reference, hash ids come from our ``NgramHasher``, and we compare:
 
 - the forward output Y [B, T, D];
 - the gradients of a scalar loss w.r.t. the table, the hidden state and every other parameter
@@ -28,6 +31,7 @@ Measured on these cases: outputs differ by at most ~2.9e-6 (|Y| up to ~9), gradi
 ~1.7e-5 of their scale (w_k, through the signed square root), so both bounds keep a 3-6x margin,
 while the backbone's 1e-6 in place of the demo's eps fails by far (conv norm: ~4e-4 on every
 case, ~13 on tiny_scale; gate norms: ~0.07 on tiny_scale) and so would reversed conv taps (~7).
+The multi-branch cases: outputs differ by at most ~1.7e-6.
 
 Conv taps, norm scales and biases are set to non-zero random values (the paper zero-initialises
 the taps and the norms start at 1, which would hide layout and dilation bugs).
@@ -64,7 +68,7 @@ PAD_ID = 3
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch reference (hc_mult = 1)
+# PyTorch reference (the demo's forward, any hc_mult)
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -85,12 +89,12 @@ class MultiHeadEmbedding(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """RMSNorm -> depthwise dilated causal Conv1d (no bias) -> SiLU, on [B, T, hc_mult, C]."""
+    """Per-branch RMSNorm -> depthwise dilated causal Conv1d over hc_mult * C channels (no bias)
+    -> SiLU, on [B, T, hc_mult, C]."""
 
     def __init__(self, hidden_size: int, kernel_size: int = 4, dilation: int = 1,
                  norm_eps: float = 1e-5, hc_mult: int = 1, activation: bool = True):
         super().__init__()
-        assert hc_mult == 1, "this reference restates the hc_mult = 1 case only"
         self.hc_mult = hc_mult
         self.activation = activation
         C = hidden_size * hc_mult
@@ -98,10 +102,10 @@ class ShortConv(nn.Module):
                               padding=(kernel_size - 1) * dilation, dilation=dilation)
         self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,T,1,C] -> [B,T,1,C]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,T,G,C] -> [B,T,G,C]
         B, T, G, C = x.shape
         assert G == self.hc_mult
-        x_norm = self.norms[0](x[:, :, 0, :])
+        x_norm = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(G)], dim=-1)
         y = self.conv(x_norm.transpose(1, 2))[..., :T]
         if self.activation:
             y = F.silu(y)
@@ -109,17 +113,22 @@ class ShortConv(nn.Module):
 
 
 class TorchEngram(nn.Module):
-    """The demo's Engram forward for one branch, given the layer's hash ids [B, T, G].
+    """The demo's Engram forward for ``hc_mult`` branches, given the layer's hash ids [B, T, G]
+    and the hidden states [B, T, hc_mult, D] (the demo's ``Engram.forward``).
 
     ``gate`` / ``conv`` default to the reference (both on); turning one off is the ablation
-    (alpha = 1, or Y = gated value) that our config exposes.
+    (alpha = 1, or Y = gated value) that our config exposes. ``shared_gate`` is the per-branch
+    gating ablation (not in the demo; ``engram.gate_per_branch = False``): one key projection,
+    key norm, query norm and gate, queried with the mean of the branches, for every branch.
     """
 
     def __init__(self, d_model: int, primes_flat: list[int], d_head: int, max_ngram: int,
-                 kernel_size: int, hc_mult: int = 1, gate: bool = True, conv: bool = True):
+                 kernel_size: int, hc_mult: int = 1, gate: bool = True, conv: bool = True,
+                 shared_gate: bool = False):
         super().__init__()
-        assert hc_mult == 1
         self.hc_mult = hc_mult
+        self.shared_gate = shared_gate
+        n_gates = 1 if shared_gate else hc_mult
         self.d_model = d_model
         self.use_gate, self.use_conv = gate, conv
         M = len(primes_flat) * d_head
@@ -129,17 +138,19 @@ class TorchEngram(nn.Module):
         self.short_conv = ShortConv(d_model, kernel_size=kernel_size, dilation=max_ngram,
                                     hc_mult=hc_mult)
         self.value_proj = nn.Linear(M, d_model)
-        self.key_projs = nn.ModuleList([nn.Linear(M, d_model) for _ in range(hc_mult)])
-        self.norm1 = nn.ModuleList([nn.RMSNorm(d_model) for _ in range(hc_mult)])
-        self.norm2 = nn.ModuleList([nn.RMSNorm(d_model) for _ in range(hc_mult)])
+        self.key_projs = nn.ModuleList([nn.Linear(M, d_model) for _ in range(n_gates)])
+        self.norm1 = nn.ModuleList([nn.RMSNorm(d_model) for _ in range(n_gates)])
+        self.norm2 = nn.ModuleList([nn.RMSNorm(d_model) for _ in range(n_gates)])
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
         embeddings = self.multi_head_embedding(hash_ids).flatten(start_dim=-2)  # [B,T,M]
         gates = []
-        for i in range(self.hc_mult):
+        for hc_idx in range(self.hc_mult):
+            i = 0 if self.shared_gate else hc_idx
             key = self.key_projs[i](embeddings)
             normed_key = self.norm1[i](key)
-            query = hidden_states[:, :, i, :]
+            query = (hidden_states.mean(dim=2) if self.shared_gate
+                     else hidden_states[:, :, hc_idx, :])
             normed_query = self.norm2[i](query)
             gate = (normed_key * normed_query).sum(dim=-1) / math.sqrt(self.d_model)
             gate = gate.abs().clamp_min(1e-6).sqrt() * gate.sign()
@@ -147,15 +158,15 @@ class TorchEngram(nn.Module):
             if not self.use_gate:
                 gate = torch.ones_like(gate)
             gates.append(gate)
-        gates = torch.stack(gates, dim=2)  # [B,T,1,1]
-        value = gates * self.value_proj(embeddings).unsqueeze(2)  # [B,T,1,D]
+        gates = torch.stack(gates, dim=2)  # [B,T,hc_mult,1]
+        value = gates * self.value_proj(embeddings).unsqueeze(2)  # [B,T,hc_mult,D]
         if not self.use_conv:
             return value
         return value + self.short_conv(value)
 
 
 # ---------------------------------------------------------------------------------------------
-# cases: all single-branch (hc_mult = 1), the only residual layout the model builds
+# single-branch cases (hc_mult = 1); the multi-branch ones are at the end
 
 REFERENCE_CASES = {
     # bigrams only, one head, D != M
@@ -408,3 +419,183 @@ def test_causality_of_both(name):
             # and the output at t0 does move
             assert np.max(np.abs(z_ours[:, t0] - y_ours[:, t0])) > 1e-4
             assert np.max(np.abs(z_ref[:, t0] - y_ref[:, t0])) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-branch (hc_mult > 1): ``MultiBranchEngram`` against the demo's Engram with hc_mult branches
+# (one table and value projection, a key projection, key norm, query norm and gate per branch,
+# ShortConv over hc_mult * D channels with one norm per branch), same tolerances.
+
+HC_CASES = {
+    # the demo's hc_mult = 4 with per-branch gates
+    "hc4_n3_h2": dict(REFERENCE_CASES["n3_h2_layer2"], hc=4),
+    "hc4_n3_h4": dict(REFERENCE_CASES["n3_h4"], hc=4),
+    # the epsilons matter at this scale, now in every branch's norms
+    "hc4_tiny_scale": dict(REFERENCE_CASES["tiny_scale"], hc=4),
+    "hc2_n2_h3_k3": dict(REFERENCE_CASES["n2_h3_k3"], hc=2),
+    # the per-branch gating ablation: one gate for all branches (engram.gate_per_branch = False)
+    "hc4_shared_gate": dict(REFERENCE_CASES["n3_h2_layer2"], hc=4, gate_per_branch=False),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _setup_hc(name: str) -> SimpleNamespace:
+    from engram_jax.layers.engram_branches import MultiBranchEngram
+
+    case = HC_CASES[name]
+    seed = 101 + list(HC_CASES).index(name)
+    nb = case["hc"]
+    ecfg = EngramConfig(
+        layer_ids=case["layer_ids"], max_ngram=case["max_ngram"],
+        heads_per_ngram=case["heads"], d_head=case["d_head"], table_sizes=case["table_sizes"],
+        conv_kernel=case["kernel"], gate_per_branch=case.get("gate_per_branch", True), seed=seed,
+    )
+    lid, D = case["layer_id"], case["D"]
+    ours = MultiBranchEngram(D, ecfg, lid, nb, rngs=nnx.Rngs(seed))
+    scale = case.get("scale", 1.0)
+    rng = np.random.default_rng(seed + 1)
+
+    def rand(shape, scale=1.0):
+        return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+    def around_one(shape):
+        return jnp.asarray(1.0 + 0.5 * rng.standard_normal(shape), jnp.float32)
+
+    ours.table.set_value(rand(ours.table[...].shape, scale))
+    ours.b_v.set_value(rand((D,), 0.3 * scale))
+    for g in ours.gates:
+        g.b_k.set_value(rand((D,), 0.3 * scale))
+        g.norm_k.weight.set_value(around_one((D,)))
+        g.norm_h.weight.set_value(around_one((D,)))
+    for n in ours.conv_norms:
+        n.weight.set_value(around_one((D,)))
+    ours.conv_w.set_value(rand((ecfg.conv_kernel, nb * D), 0.5))
+
+    primes_flat = [p for order in ecfg.primes()[lid] for p in order]
+    ref = TorchEngram(D, primes_flat, ecfg.d_head, ecfg.max_ngram, ecfg.conv_kernel, hc_mult=nb,
+                      shared_gate=not ecfg.gate_per_branch)
+    assert len(ref.key_projs) == len(ours.gates) == (nb if ecfg.gate_per_branch else 1)
+
+    def t(x):
+        return torch.from_numpy(np.array(x, dtype=np.float32))
+
+    with torch.no_grad():
+        ref.multi_head_embedding.embedding.weight.copy_(t(ours.table[...]))
+        ref.value_proj.weight.copy_(t(ours.w_v[...]).T)
+        ref.value_proj.bias.copy_(t(ours.b_v[...]))
+        for i, g in enumerate(ours.gates):
+            ref.key_projs[i].weight.copy_(t(g.w_k[...]).T)
+            ref.key_projs[i].bias.copy_(t(g.b_k[...]))
+            ref.norm1[i].weight.copy_(t(g.norm_k.weight[...]))
+            ref.norm2[i].weight.copy_(t(g.norm_h.weight[...]))
+        for i, n in enumerate(ours.conv_norms):
+            ref.short_conv.norms[i].weight.copy_(t(n.weight[...]))
+        # ours [W, nb*D] (channel m*D + d)  ==  torch Conv1d weight [nb*D, 1, W]
+        ref.short_conv.conv.weight.copy_(t(ours.conv_w[...]).T.unsqueeze(1))
+
+    hasher = NgramHasher(VOCAB, ecfg.table_sizes, ecfg.max_ngram, ecfg.heads_per_ngram,
+                         ecfg.layer_ids, pad_id=PAD_ID, seed=seed)
+    rng_in = np.random.default_rng(seed + 2)
+    B, T = case["B"], case["T"]
+    tokens = rng_in.integers(0, VOCAB, size=(B, T), dtype=np.int64)
+    hidden = (scale * rng_in.standard_normal((B, T, nb, D))).astype(np.float32)  # branches differ
+
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+
+    def apply(params, h, ids):
+        return nnx.merge(graphdef, params, rest)(h, ids)
+
+    return SimpleNamespace(case=case, ecfg=ecfg, lid=lid, nb=nb, ours=ours, ref=ref, hasher=hasher,
+                           tokens=tokens, hidden=hidden, params=params, apply=apply,
+                           fwd=jax.jit(apply))
+
+
+def _run_ref_hc(ref: TorchEngram, hidden: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return ref(torch.from_numpy(hidden), torch.from_numpy(ids)).numpy()
+
+
+def test_multi_branch_epsilons_are_the_demos():
+    s = _setup_hc("hc4_n3_h2")
+    f32_eps = float(torch.finfo(torch.float32).eps)
+    assert all(n.eps == DEMO_CONV_NORM_EPS for n in s.ref.short_conv.norms)
+    assert all(n.eps == DEMO_CONV_NORM_EPS for n in s.ours.conv_norms)
+    assert all(g.norm_k.eps == g.norm_h.eps == f32_eps for g in s.ours.gates)
+    assert len(s.ours.conv_norms) == len(s.ref.short_conv.norms) == 4
+
+
+@pytest.mark.parametrize("name", list(HC_CASES))
+def test_multi_branch_forward_matches_torch_reference(name):
+    s = _setup_hc(name)
+    ids = s.hasher(s.tokens)[s.lid]
+    y_ours = _run_ours(s, s.hidden, ids)
+    y_ref = _run_ref_hc(s.ref, s.hidden, ids)
+    assert y_ours.shape == y_ref.shape == (s.case["B"], s.case["T"], s.nb, s.case["D"])
+    np.testing.assert_allclose(y_ours, y_ref, rtol=RTOL, atol=ATOL)
+    # the branches get different outputs (per-branch gates, or per-branch conv norms and taps)
+    assert np.max(np.abs(y_ref[:, :, 0] - y_ref[:, :, 1])) > 1e-2 * (s.case.get("scale", 1.0))
+    if s.ecfg.gate_per_branch:  # each branch's gate reads its own branch: moving branch 1 ...
+        hid2 = s.hidden.copy()
+        hid2[:, :, 1] = np.roll(hid2[:, :, 1], 1, axis=-1)
+        z = _run_ours(s, hid2, ids)
+        np.testing.assert_array_equal(z[:, :, [0, 2, 3][: s.nb - 1]],
+                                      y_ours[:, :, [0, 2, 3][: s.nb - 1]])  # ... moves only it
+        assert np.max(np.abs(z[:, :, 1] - y_ours[:, :, 1])) > 1e-4
+
+
+@pytest.mark.parametrize("name", list(HC_CASES))
+def test_multi_branch_gradients_match_torch_reference(name):
+    s = _setup_hc(name)
+    ref = s.ref
+    ids = s.hasher(s.tokens)[s.lid]
+    probe = np.random.default_rng(7).standard_normal(s.hidden.shape).astype(np.float32)
+
+    ref.zero_grad(set_to_none=True)
+    h_t = torch.from_numpy(s.hidden.copy()).requires_grad_(True)
+    (ref(h_t, torch.from_numpy(ids)) * torch.from_numpy(probe)).sum().backward()
+
+    def loss_fn(params, h):
+        return jnp.sum(s.apply(params, h, jnp.asarray(ids, dtype=jnp.int32)) * jnp.asarray(probe))
+
+    g_params, g_h = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(s.params, jnp.asarray(s.hidden))
+    g = nnx.to_pure_dict(g_params)
+    _assert_close_scaled(g_h, h_t.grad.numpy(), "d/d hidden")
+    _assert_close_scaled(g["table"], ref.multi_head_embedding.embedding.weight.grad.numpy(),
+                         "d/d table")
+    _assert_close_scaled(g["w_v"], ref.value_proj.weight.grad.numpy().T, "d/d w_v")
+    _assert_close_scaled(g["b_v"], ref.value_proj.bias.grad.numpy(), "d/d b_v")
+    for i in range(len(ref.key_projs)):
+        gi = g["gates"][i]
+        _assert_close_scaled(gi["w_k"], ref.key_projs[i].weight.grad.numpy().T, f"d/d w_k[{i}]")
+        _assert_close_scaled(gi["b_k"], ref.key_projs[i].bias.grad.numpy(), f"d/d b_k[{i}]")
+        _assert_close_scaled(gi["norm_k"]["weight"], ref.norm1[i].weight.grad.numpy(),
+                             f"d/d norm_k[{i}]")
+        _assert_close_scaled(gi["norm_h"]["weight"], ref.norm2[i].weight.grad.numpy(),
+                             f"d/d norm_h[{i}]")
+    for i in range(s.nb):
+        _assert_close_scaled(g["conv_norms"][i]["weight"],
+                             ref.short_conv.norms[i].weight.grad.numpy(), f"d/d conv_norm[{i}]")
+    _assert_close_scaled(g["conv_w"], ref.short_conv.conv.weight.grad.numpy()[:, 0, :].T,
+                         "d/d conv_w")
+
+
+@pytest.mark.parametrize("name", ["hc4_n3_h2", "hc4_shared_gate"])
+def test_multi_branch_causality_of_both(name):
+    s = _setup_hc(name)
+    ids = s.hasher(s.tokens)[s.lid]
+    y_ours = _run_ours(s, s.hidden, ids)
+    y_ref = _run_ref_hc(s.ref, s.hidden, ids)
+    rng = np.random.default_rng(0)
+    for t0 in (0, s.case["T"] // 3, s.case["T"] - 1):
+        tok2 = s.tokens.copy()
+        tok2[:, t0] = (tok2[:, t0] + rng.integers(1, VOCAB, size=tok2.shape[0])) % VOCAB
+        hid2 = s.hidden.copy()
+        hid2[:, t0] += rng.standard_normal(hid2[:, t0].shape).astype(np.float32)
+        ids2 = s.hasher(tok2)[s.lid]
+        for changed_ids, changed_hidden in ((ids2, s.hidden), (ids, hid2)):
+            z_ours = _run_ours(s, changed_hidden, changed_ids)
+            z_ref = _run_ref_hc(s.ref, changed_hidden, changed_ids)
+            np.testing.assert_allclose(z_ours, z_ref, rtol=RTOL, atol=ATOL)
+            np.testing.assert_array_equal(z_ours[:, :t0], y_ours[:, :t0])
+            np.testing.assert_array_equal(z_ref[:, :t0], y_ref[:, :t0])
+            assert np.max(np.abs(z_ours[:, t0] - y_ours[:, t0])) > 1e-4

@@ -2,7 +2,7 @@
 
 engram-paper.md section 1, following the public reference demo's semantics (deepseek-ai/Engram,
 ``engram_demo_v1.py``: ``MultiHeadEmbedding``, ``ShortConv``, ``Engram``) for a single residual
-branch (hc_mult = 1):
+branch (hc_mult = 1; ``layers/engram_branches.py`` has the multi-branch module):
 
   e_t   = concat_j table[hash_j(t) + offset_j]                       (G heads of width d_head)
   k_t   = W_K e_t + b_K,  v_t = W_V e_t + b_V
