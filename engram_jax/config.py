@@ -195,7 +195,9 @@ class ModelConfig:
       moe: MoE part, or None for a dense model.
       engram: Engram part, or None for no Engram.
       overencoding: OverEncoding input n-gram embeddings (the paper's baseline), or None.
-      hc_mult: residual branches (the paper's hyper-connections); only 1 is built.
+      hc_mult: M, residual branches: 1 is a plain residual; M > 1 builds hyper-connections
+        (Zhu et al., arXiv 2409.19606; layers/hyperconn.py) with the multi-branch Engram
+        (layers/engram_branches.py), as the paper's backbone (M = 4).
       tie_embeddings: share the input embedding with the LM head.
       rope_theta, norm_eps: RoPE base and the backbone RMSNorm epsilon (the Engram module's norms
         use the public demo's constants, layers/engram.py).
@@ -228,10 +230,10 @@ class ModelConfig:
             raise ValueError("head width d_model // n_heads must be even for RoPE")
         if not 0 <= self.n_dense_layers <= self.n_layers:
             raise ValueError(f"n_dense_layers must be in [0, n_layers={self.n_layers}]")
-        if self.hc_mult != 1:
+        if isinstance(self.hc_mult, bool) or not isinstance(self.hc_mult, int) or self.hc_mult < 1:
             raise ValueError(
-                f"hc_mult={self.hc_mult}: multi-branch residuals (hyper-connections) are not "
-                "implemented; use hc_mult=1 (a plain residual)"
+                f"hc_mult must be an integer >= 1 (1: a plain residual, M > 1: M hyper-connection "
+                f"branches), got {self.hc_mult!r}"
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")

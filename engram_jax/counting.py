@@ -2,7 +2,8 @@
 
 Definitions (the paper's): P_tot = trainable parameters excluding the vocabulary embedding and LM
 head; P_act = parameters one token activates (attention, norms, dense FFNs, shared experts, the
-router, its top-k routed experts, Engram projections/gates/conv/norms, OverEncoding projections);
+router, its top-k routed experts, Engram projections/gates/conv/norms, OverEncoding projections,
+hyper-connections);
 P_sparse = P_tot - P_act (unselected routed experts plus every Engram and OverEncoding table row).
 rho = routed-expert share of P_sparse.
 
@@ -20,14 +21,34 @@ if TYPE_CHECKING:
 
 
 def engram_dense_params(cfg: ModelConfig) -> int:
-    """Non-table parameters of ONE Engram module (value/key projections, gate norms, conv)."""
-    e, D = cfg.engram, cfg.d_model
+    """Non-table parameters of ONE Engram module (value/key projections, gate norms, conv).
+
+    With ``hc_mult = M`` branches (layers/engram_branches.py) W_V stays shared, the key projection
+    and both gate norms are per branch (or one set when ``gate_per_branch`` is False), and the
+    conv has one norm and D taps per branch.
+    """
+    e, D, M = cfg.engram, cfg.d_model, cfg.hc_mult
     n = e.d_mem * D + D  # W_V with bias
     if e.gate:
-        n += e.d_mem * D + D + 2 * D  # W_K with bias, RMSNorm(h), RMSNorm(k)
+        n_gates = M if e.gate_per_branch else 1
+        n += n_gates * (e.d_mem * D + D + 2 * D)  # W_K with bias, RMSNorm(h), RMSNorm(k)
     if e.conv:
-        n += D + e.conv_kernel * D  # RMSNorm before the conv, depthwise taps (no bias)
+        n += M * (D + e.conv_kernel * D)  # RMSNorm before the conv, depthwise taps (no bias)
     return n
+
+
+def hyperconn_params(cfg: ModelConfig) -> int:
+    """Parameters of ONE hyper-connection (layers/hyperconn.py; two per block when hc_mult > 1):
+    RMSNorm D, W_alpha D (M + 1), w_beta D, S_alpha M (M + 1), S_beta M, two scales."""
+    D, M = cfg.d_model, cfg.hc_mult
+    return D * (M + 3) + M * (M + 2) + 2 if M > 1 else 0
+
+
+def hyperconn_forward_flops(cfg: ModelConfig) -> int:
+    """Forward multiply-add FLOPs per token of ONE hyper-connection: the dynamic projections
+    (M D (M + 2)), the width mix (M (M + 1) D) and the depth connection (M D), 2 each."""
+    D, M = cfg.d_model, cfg.hc_mult
+    return 2 * M * D * (M + 2) + 2 * M * (M + 1) * D + 2 * M * D if M > 1 else 0
 
 
 def expert_params(cfg: ModelConfig) -> int:
@@ -43,8 +64,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     (top-k of them), engram_tables, engram_dense, attention, dense_ffn, shared_experts, router,
     norms, rho (routed share of sparse; 1.0 when there is no sparse part). With OverEncoding also
     overencoding_tables (sparse memory, like Engram tables) and overencoding_dense (its
-    projections, active); the keys are absent otherwise, so result tables of models without it
-    keep their columns.
+    projections, active); with ``hc_mult > 1`` also hyper_connections (active). The keys are
+    absent otherwise, so result tables of models without them keep their columns.
     """
     D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
     attention = L * 4 * D * D
@@ -67,15 +88,19 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     if cfg.overencoding is not None:
         oe_tables = cfg.overencoding.rows() * cfg.overencoding.d_sub
         oe_dense = cfg.overencoding.n_tables * cfg.overencoding.d_sub * D
+    hc = 2 * L * hyperconn_params(cfg)
     embedding = V * D * (1 if cfg.tie_embeddings else 2)
     p_tot = (attention + norms + dense_ffn + routed + shared + router + tables + engram_dense
-             + oe_tables + oe_dense)
-    active = attention + norms + dense_ffn + routed_active + shared + router + engram_dense + oe_dense
+             + oe_tables + oe_dense + hc)
+    active = (attention + norms + dense_ffn + routed_active + shared + router + engram_dense
+              + oe_dense + hc)
     sparse = p_tot - active
     routed_sparse = routed - routed_active
     extra = {}
     if cfg.overencoding is not None:
         extra = {"overencoding_tables": oe_tables, "overencoding_dense": oe_dense}
+    if cfg.hc_mult > 1:
+        extra["hyper_connections"] = hc
     return {
         "total": p_tot + embedding,
         "p_tot": p_tot,
@@ -124,9 +149,11 @@ def forward_flops_per_token(cfg: ModelConfig, *, executed: bool = False, tokens:
             routed_slots = m.top_k
         f += n_moe * (2 * D * m.n_routed + 2 * 3 * D * m.d_expert * (routed_slots + m.n_shared))
     if cfg.engram is not None:
-        e = cfg.engram
-        per = 2 * e.d_mem * D * (2 if e.gate else 1) + (2 * e.conv_kernel * D if e.conv else 0)
+        e, M = cfg.engram, cfg.hc_mult
+        n_keys = (M if e.gate_per_branch else 1) if e.gate else 0
+        per = 2 * e.d_mem * D * (1 + n_keys) + (2 * e.conv_kernel * M * D if e.conv else 0)
         f += len(e.layer_ids) * per
+    f += 2 * L * hyperconn_forward_flops(cfg)
     if cfg.overencoding is not None:
         f += 2 * cfg.overencoding.n_tables * cfg.overencoding.d_sub * D
     f += 2 * D * V

@@ -5,6 +5,13 @@ Input:    H = E[x], or with ``overencoding`` the average of E[x] and its hashed 
 Block l:  H += Engram_l(H, hash ids)   (only at ``engram.layer_ids``; engram-paper.md "Placement")
           H += Attention(RMSNorm(H))
           H += FFN_l(RMSNorm(H))        (dense SwiGLU for the first ``n_dense_layers``, else MoE)
+
+With ``hc_mult = M > 1`` the residual stream is M branches H [B, T, M, D] (hyper-connections, Zhu
+et al., arXiv 2409.19606; layers/hyperconn.py): H_0 = M copies of the input, the Engram module
+adds its per-branch output Y [B, T, M, D] to the branches (layers/engram_branches.py, the paper's
+backbone and the public demo), attention and FFN each read one mixed input through a
+hyper-connection and write back to every branch, and the branches are summed before the final
+norm. ``hc_mult = 1`` keeps the plain residual path above, operation for operation.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from engram_jax.hashing import NgramHasher
 from engram_jax.layers.attention import Attention
 from engram_jax.layers.common import RMSNorm, SwiGLU, normal
 from engram_jax.layers.engram import Engram
+from engram_jax.layers.engram_branches import MultiBranchEngram
+from engram_jax.layers.hyperconn import HyperConnection, collapse, expand
 from engram_jax.layers.moe import MoE
 from engram_jax.layers.overencoding import OverEncoding
 
@@ -30,8 +39,13 @@ class Block(nnx.Module):
         self.layer_id = layer_id
         D = cfg.d_model
         has_engram = cfg.engram is not None and layer_id in cfg.engram.layer_ids
-        self.engram = (Engram(D, cfg.engram, layer_id, rngs=rngs)
-                       if has_engram else None)
+        self.n_branches = cfg.hc_mult
+        if not has_engram:
+            self.engram = None
+        elif cfg.hc_mult == 1:
+            self.engram = Engram(D, cfg.engram, layer_id, rngs=rngs)
+        else:
+            self.engram = MultiBranchEngram(D, cfg.engram, layer_id, cfg.hc_mult, rngs=rngs)
         self.attn_norm = RMSNorm(D, eps=cfg.norm_eps)
         self.attn = Attention(D, cfg.n_heads, n_layers=cfg.n_layers, rope_theta=cfg.rope_theta,
                               rngs=rngs)
@@ -42,8 +56,13 @@ class Block(nnx.Module):
         else:
             self.moe = None
             self.ffn = SwiGLU(D, cfg.d_ff, n_layers=cfg.n_layers, rngs=rngs)
+        if cfg.hc_mult > 1:  # no random draws: the sublayers' weights match hc_mult = 1's
+            self.attn_hc = HyperConnection(D, cfg.hc_mult, 2 * layer_id, norm_eps=cfg.norm_eps)
+            self.ffn_hc = HyperConnection(D, cfg.hc_mult, 2 * layer_id + 1, norm_eps=cfg.norm_eps)
 
     def __call__(self, h_BxTxD, hash_ids, memory=None):
+        if self.n_branches > 1:
+            return self._branches(h_BxTxD, hash_ids, memory)
         if self.engram is not None:
             h_BxTxD = h_BxTxD + self.engram(h_BxTxD, hash_ids, memory)
         h_BxTxD = h_BxTxD + self.attn(self.attn_norm(h_BxTxD))
@@ -52,6 +71,20 @@ class Block(nnx.Module):
             return h_BxTxD + self.ffn(x), None, None
         y, load_E, aux = self.moe(x)
         return h_BxTxD + y, load_E, aux
+
+    def _branches(self, H_BxTxMxD, hash_ids, memory):
+        """The block on M branches [B, T, M, D] (hyper-connections at both residual sites)."""
+        if self.engram is not None:
+            H_BxTxMxD = H_BxTxMxD + self.engram(H_BxTxMxD, hash_ids, memory)
+        x, carried, beta = self.attn_hc.width(H_BxTxMxD)
+        H_BxTxMxD = self.attn_hc.depth(carried, self.attn(self.attn_norm(x)), beta)
+        x, carried, beta = self.ffn_hc.width(H_BxTxMxD)
+        x = self.ffn_norm(x)
+        if self.moe is None:
+            y, load_E, aux = self.ffn(x), None, None
+        else:
+            y, load_E, aux = self.moe(x)
+        return self.ffn_hc.depth(carried, y, beta), load_E, aux
 
 
 class HybridLM(nnx.Module):
@@ -82,6 +115,8 @@ class HybridLM(nnx.Module):
         h = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
         if cfg.overencoding is not None:
             h = self.overencoding(tokens_BxT, h)
+        if cfg.hc_mult > 1:
+            h = expand(h, cfg.hc_mult)
         loads, auxes = [], []
         for blk in self.blocks:
             hid = hash_ids.get(blk.layer_id) if blk.engram is not None else None
@@ -91,6 +126,8 @@ class HybridLM(nnx.Module):
             if load is not None:
                 loads.append(load)
                 auxes.append(aux)
+        if cfg.hc_mult > 1:
+            h = collapse(h)
         h = self.final_norm(h)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", h, head.astype(dt), preferred_element_type=jnp.float32)

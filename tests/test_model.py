@@ -147,9 +147,10 @@ def test_bias_update_moves_toward_balance():
     assert new[0] < 0 < new[1] and new[2] == new[3] == 0
 
 
-def test_hc_mult_above_one_is_rejected():
+def test_hc_mult_below_one_is_rejected():
+    # hc_mult > 1 (hyper-connections) is built and tested in test_hyperconn.py
     with pytest.raises(ValueError, match="hc_mult"):
-        dataclasses.replace(preset("tiny"), hc_mult=4)
+        dataclasses.replace(preset("tiny"), hc_mult=0)
 
 
 # bfloat16 keeps 8 significant bits (unit roundoff 2**-8 ~ 0.4%); norms, RoPE, softmax and the LM

@@ -121,7 +121,7 @@ def test_nan_guard_stops_with_clear_message(tmp_path, text_dir):
     (["--preset", "nope"], "unknown preset"),
     (["--preset", "tiny", "--corpus", "/does/not/exist"], "not found"),
     (["--preset", "tiny", "--set", "moe.nonsense=3"], "unknown config key"),
-    (["--preset", "tiny", "--set", "hc_mult=4"], "hc_mult"),
+    (["--preset", "tiny", "--set", "hc_mult=0"], "hc_mult"),
     (["--preset", "tiny", "--set", "lr=-1"], "lr must be > 0"),
 ])
 def test_bad_input_fails_before_work(tmp_path, args, message):
