@@ -43,7 +43,8 @@ def allocation_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The finished allocation-grid trials (a rho, no swept key) with ``C`` = 6 P_act(rho=1) D."""
     d = runs[(runs["status"] == "ok") & runs["rho"].notna()].copy()
     if "sweep_key" in d.columns:
-        d = d[d["sweep_key"].fillna("").astype(str).isin(["", "rho"])]  # not lr or memory sweeps
+        keys = d["sweep_key"].map(lambda v: "" if pd.isna(v) else str(v))
+        d = d[keys.isin(["", "rho"])]  # not lr or memory sweeps
     if d.empty:
         return d.assign(C=pd.Series(dtype=float))
     base_active = d[d["rho"] == 1.0].groupby("budget")["params_active"].median()
@@ -187,8 +188,9 @@ def report_markdown(rep: dict[str, Any]) -> str:
              "| gain L(1.0) - L(best) [95%] | seed sd | rho* [95%] | L(rho*) - L(1.0) in seed sd |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in per.itertuples():
+        why = str(r.reason).removeprefix("no interior optimum: ")
         rho = (f"{r.rho_star:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" if r.is_u_shaped
-               else f"no interior optimum ({r.reason})")
+               else f"no interior optimum ({why})")
         seeds = r.n_seeds >= 2 and math.isfinite(r.seed_sd)
         gain = (f"{r.gain:.4f} [{r.gain_lo:.4f}, {r.gain_hi:.4f}]" if seeds
                 else f"{r.gain:.4f} (one seed: no interval)")
@@ -246,7 +248,7 @@ def plot_ladder(runs: pd.DataFrame, rep: dict[str, Any]):
         a.set_xlabel(r"allocation ratio $\rho$")
         a.set_ylabel("validation loss")
         a.set_title("(a) allocation curves", fontsize=7)
-        a.legend(fontsize=5.5, loc="upper center")
+        a.legend(fontsize=5.5, loc="upper left")
 
         u = per[per["is_u_shaped"]]
         b.errorbar(u["C"], u["rho_star"], yerr=[u["rho_star"] - u["ci_low"], u["ci_high"] - u["rho_star"]],
@@ -260,6 +262,8 @@ def plot_ladder(runs: pd.DataFrame, rep: dict[str, Any]):
                    label=f"slope {ovc['b']:+.3f}/decade")
         b.axhspan(0.75, 0.8, color="0.85", lw=0, zorder=0, label="paper: 0.75-0.8")
         b.set_xscale("log")
+        b.set_xlim(per["C"].min() / 3, per["C"].max() * 3)
+        b.xaxis.set_minor_formatter(plt.NullFormatter())
         b.set_ylim(0.25, 1.05)
         b.set_xlabel("compute C = 6 $P_{act}$ D (FLOPs)")
         b.set_ylabel(r"$\rho^*$")
