@@ -80,7 +80,9 @@ def run(size_name: str, only: str | None, out: Path | None, corpus: str | None =
     res.add(Row("reference_peak_tflops", f"run:{res.run_id}", peak.flops / 1e12, "TFLOP/s"))
     t = Timing(size.repeats, size.inner)
     want = (lambda p: p == only) if only else (lambda p: p != "offload")
-    if want("grid") and jax.default_backend() == "cpu" and size_name in GRID_SIZES:
+    # The grid part runs by default at size small (make bench) and whenever it is named.
+    if (want("grid") and jax.default_backend() == "cpu" and size_name in GRID_SIZES
+            and (only == "grid" or size_name == "small")):
         # First, while nothing else of this run holds the cores: it runs trials in subprocesses.
         from bench.grid import grid_rows
 
