@@ -142,10 +142,15 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
     out["optimum_vs_compute"] = fit_optimum_vs_compute(
         d.assign(compute=d["C"]), n_boot=n_boot, seed=seed, level=level)
 
-    Cs = per["C"].to_numpy()
+    # Laws across budgets use only budgets with at least two seeds: one seed has no seed interval,
+    # and its point would make the law's interval look narrower than the data allow.
+    use = (per["n_seeds"] >= 2).to_numpy()
+    out["law_budgets"] = list(per.loc[use, "budget"])
+    Cs = per["C"].to_numpy()[use]
     for key in ("L1", "L_best", "gain"):
-        est = _loglog(Cs, per[key].to_numpy())
-        reps = np.array([_loglog(Cs, bt[key].to_numpy()) for bt in boot]) if n_boot else np.empty((0, 2))
+        est = _loglog(Cs, per[key].to_numpy()[use])
+        reps = (np.array([_loglog(Cs, bt[key].to_numpy()[use]) for bt in boot]) if n_boot
+                else np.empty((0, 2)))
         ok = reps[np.all(np.isfinite(reps), axis=1)] if len(reps) else reps
         law = {"log10_a": est[0], "b": est[1], "n_boot_ok": len(ok), "n_boot": n_boot,
                "b_ci": (float(np.percentile(ok[:, 1], z_lo)), float(np.percentile(ok[:, 1], z_hi)))
@@ -160,14 +165,15 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
                     if math.isfinite(gain["b"]) else NAN,
                     "lo": float(np.percentile(pred, z_lo)) if len(pred) else NAN,
                     "hi": float(np.percentile(pred, z_hi)) if len(pred) else NAN,
-                    "paper": PAPER_GAINS.get(C, NAN), "decades": math.log10(C / Cs.max())})
+                    "paper": PAPER_GAINS.get(C, NAN),
+                    "decades": math.log10(C / Cs.max()) if len(Cs) else NAN})
     out["extrapolation"] = pd.DataFrame(ext)
     out["gain_trend"] = _trend(per, gain, level)
     return out
 
 
 def _trend(per: pd.DataFrame, gain: dict, level: float) -> str:
-    if len(per) < 2:
+    if (per["n_seeds"] >= 2).sum() < 2:
         return "one budget: no trend"
     if not math.isfinite(gain["b"]):
         return "the gain is not positive at every budget: no power law"
@@ -198,9 +204,9 @@ def report_markdown(rep: dict[str, Any]) -> str:
             f"| {r.budget} | {r.C:.3g} | {r.n_rho} x {r.n_seeds} | {r.L1:.4f} | {r.best_rho:.1f} "
             f"| {r.L_best:.4f} | {gain} | {f'{r.seed_sd:.4f}' if seeds else '-'} "
             f"| {rho} | {f'{r.dl_star_sd:+.1f}' if seeds else '-'} |")
-    if len(per) < 2:
+    if len(rep.get("law_budgets", [])) < 2:
         return "\n".join(lines + ["", "Across budgets: nothing to fit until a second budget has "
-                                       "finished trials."])
+                                       "finished trials of at least two seeds."])
     ovc = rep["optimum_vs_compute"]
     lines += ["", "rho* against compute: " + (
         f"rho* = {ovc['a']:.3f} + {ovc['b']:.3f} log10 C, slope 95% interval "
