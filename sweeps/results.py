@@ -110,7 +110,8 @@ def summary_table(rows: list[dict]) -> str:
         cells = [
             r["trial_id"], _num(r.get("rho"), ".2f"), str(r.get("seed")), _num(r.get("val_loss"), ".4f"),
             _num(r.get("tokens_per_s"), ".0f"),
-            (_num(ep, ".3g") + (" (> 1: repeats data!)" if isinstance(ep, float) and ep > 1 else "")),
+            (_num(ep, ".3g") + (" (> 1: repeats data!)" if _num(ep, "g") != "-" and float(ep) > 1
+                                else "")),
             r["status"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -150,7 +151,15 @@ def write_readme(out: Path, grid: Grid, rows: list[dict], command: str, ray_vers
 
 
 def _num(v, fmt: str) -> str:
-    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+    """A number formatted, "-" for none. Rows kept from a committed runs.csv hold strings."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            return "-"
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+        return "-"
+    return format(v, fmt)
 
 
 def _version(pkg: str) -> str:

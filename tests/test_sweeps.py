@@ -286,6 +286,9 @@ def test_hard_killed_grid_continues_on_a_fresh_checkout(corpus, tmp_path, ray_en
     assert "[rho1.00-s0] step 1 " not in second.stdout  # the finished trial did not train again
     assert (out / "curves" / "rho1.00-s0.csv").read_bytes() == first_curve
     assert (out / "curves" / "rho0.60-s0.csv").exists()
+    # The README's summary shows the kept row's numbers too (it is read back as text).
+    kept = float(done["rho1.00-s0"]["val_loss"])
+    assert f"| rho1.00-s0 | 1.00 | 0 | {kept:.4f} |" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("text", ["2.0e6", "2e6", "2000000", "2.0e+6"])
