@@ -214,7 +214,7 @@ def is_memory_grid(df: pd.DataFrame) -> bool:
     """
     if "sweep_key" in df.columns:
         keys = df["sweep_key"].dropna().astype(str)
-        if len(keys) and (keys != "rho").any() and keys.str.contains("engram").any():
+        if len(keys) and (keys != "rho").any() and keys.str.contains("engram|overencoding").any():
             return True
         if len(keys) and (keys == "rho").all():
             return False
@@ -222,11 +222,20 @@ def is_memory_grid(df: pd.DataFrame) -> bool:
 
 
 def memory_column(df: pd.DataFrame) -> str | None:
-    """The column measuring Engram memory size that varies in ``df`` (slots preferred)."""
-    for col in ("engram_slots", "params_engram_tables"):
+    """The column measuring n-gram memory size that varies in ``df`` (Engram slots preferred,
+    then Engram or OverEncoding table parameters)."""
+    for col in ("engram_slots", "params_engram_tables", "params_overencoding_tables"):
         if col in df.columns and df.loc[df[col] > 0, col].nunique() >= 2:
             return col
     return None
+
+
+def is_budget_curve(grid: str, budget: str) -> bool:
+    """True when grid ``grid`` holds the budget's own allocation curve: named after the budget
+    (``cpu-1e12``) or its seed replicates (``cpu-small-seeds``). Grids that change the model or
+    its training at the same budget (``muon-cpu-1e12``, ``ablation-cpu-1e12-conv``) share its
+    ``budget`` column but are other curves: they must never be pooled into it."""
+    return grid == budget or grid.startswith(f"{budget}-seeds")
 
 
 def budgets_by_compute(df: pd.DataFrame) -> list:

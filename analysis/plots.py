@@ -166,8 +166,9 @@ def plot_memory(df: pd.DataFrame, *, n_boot: int = 500, seed: int = 0) -> plt.Fi
         ax.yaxis.set_major_locator(ticker.MaxNLocator(5))
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3f"))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel("Engram table rows (slots)" if col == "engram_slots"
-                      else "Engram table parameters")
+        ax.set_xlabel({"engram_slots": "Engram table rows (slots)",
+                       "params_overencoding_tables": "OverEncoding table parameters"}.get(
+                          col, "Engram table parameters"))
         ax.set_ylabel("validation loss")
         ax.set_title(describe(df), fontsize=7)
         # Loss falls left to right, so the upper right is free below the baseline line
@@ -294,7 +295,7 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
         fig = plot_curves(runs, load.load_curves(gdir))
         if fig is not None:
             written += save(fig, out, f"{name}_curves")
-        if load.is_allocation_grid(runs):
+        if load.is_allocation_grid(runs) and load.is_budget_curve(name, str(runs["budget"].iloc[0])):
             alloc.append(runs)
     # A budget run in several grids (e.g. seed replicates in a grid of their own) also gets one
     # figure with every seed pooled, which is the one to read for the optimum and its interval.
@@ -308,4 +309,7 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
         ladder = pooled[pooled["budget"].isin(LADDER)]
         if not ladder.empty:  # the paper's figure: every ladder budget's curve on one axes
             written += save(plot_ladder(ladder, ladder_report(ladder, n_boot=n_boot)), out, "ladder")
+    from analysis.paper import make_figures  # Engram against OverEncoding, per budget
+
+    written += make_figures(results, out, n_boot=min(n_boot, 500))
     return written

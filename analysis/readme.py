@@ -8,7 +8,8 @@ of a bootstrap interval on another BLAS does not fail; a changed table does).
 
 Blocks: ``ladder`` (the budgets, with measured trial times), ``ladder-results`` (the allocation
 law across the paper-regime ladder), ``lr`` (the learning-rate checks), ``cpu-small`` and
-``memory`` (the earlier, undertrained grids).
+``memory`` (the earlier, undertrained grids), ``overencoding``, ``ablations`` and ``optimizer``
+(the paper's other comparisons, :mod:`analysis.paper`).
 """
 
 from __future__ import annotations
@@ -131,9 +132,33 @@ def block_memory(results: Path) -> str:
     return "\n".join(lines)
 
 
+# The budget of the paper's comparisons beyond the allocation curve (sweeps/grids/memory-*,
+# ablation-*, muon-*): the smallest rung of the ladder, where ~70 trials cost about an hour.
+PAPER_BUDGET = "cpu-1e12"
+
+
+def block_overencoding(results: Path) -> str:
+    from analysis.paper import memory_comparison, memory_markdown
+
+    return memory_markdown(memory_comparison(results, PAPER_BUDGET, n_boot=500))
+
+
+def block_ablations(results: Path) -> str:
+    from analysis.paper import ablation_markdown, ablation_table
+
+    return ablation_markdown(ablation_table(results, PAPER_BUDGET))
+
+
+def block_optimizer(results: Path) -> str:
+    from analysis.paper import optimizer_comparison, optimizer_markdown
+
+    return optimizer_markdown(optimizer_comparison(results, PAPER_BUDGET, n_boot=N_BOOT))
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "ladder": block_ladder, "ladder-results": block_ladder_results, "lr": block_lr,
-    "cpu-small": block_cpu_small, "memory": block_memory,
+    "cpu-small": block_cpu_small, "memory": block_memory, "overencoding": block_overencoding,
+    "ablations": block_ablations, "optimizer": block_optimizer,
 }
 
 
