@@ -276,8 +276,8 @@ BUDGETS: dict[str, Budget] = {
         # ~9.7, E0 - k = 40, 3 seeds, pysrc at vocabulary 512 (130M training tokens: each trial
         # sees under 0.07 of it). Learning rates: the best of the lr-<budget> grids at rho = 1
         # (results/lr-<budget>; cpu-1e12: 3.2e-2 of 2e-3 .. 6.4e-2, also the best at rho = 0.7;
-        # cpu-3e12: 1.6e-2 of 8e-3 .. 6.4e-2).
-        # Rates of budgets whose lr grids have not run yet are placeholders.
+        # cpu-3e12: 1.6e-2 of 8e-3 .. 6.4e-2; cpu-1e13: 1.6e-2 of 4e-3 .. 3.2e-2). Tokens/s: measured
+        # per trial with two trials side by side (results/lr-<budget>).
         *(
             Budget(
                 name=name, preset=name, rhos=LADDER_RHOS if name != "cpu-1e12" else DEFAULT_RHOS,
@@ -291,7 +291,7 @@ BUDGETS: dict[str, Budget] = {
             for name, steps, warmup, lr, tps, desc in (
                 ("cpu-1e12", 627, 30, 3.2e-2, 15e3, "C = 1.0e12: 64k active, 2.6M tokens"),
                 ("cpu-3e12", 1096, 55, 1.6e-2, 13e3, "C = 3.0e12: 112k active, 4.5M tokens"),
-                ("cpu-1e13", 2068, 100, 4e-3, 9e3, "C = 1.1e13: 212k active, 8.5M tokens"),
+                ("cpu-1e13", 2068, 100, 1.6e-2, 15e3, "C = 1.1e13: 212k active, 8.5M tokens"),
             )
         ),
         Budget(
