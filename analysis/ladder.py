@@ -7,6 +7,9 @@ calls the optimum "stable". Here, for every budget of a ladder of allocation gri
   interior optimum";
 * the gain of the best measured point over the pure MoE, ``L(1.0) - L(best)``, with a seed-level
   bootstrap interval and in units of the seed standard deviation (pooled over rho);
+* the tail slope, ``dL/drho`` of the means at rho <= 0.6 (least squares, same bootstrap): where a
+  U must turn up. Positive while moving more of the sparse budget into Engram still helps; a
+  slope that falls toward zero across budgets is a curve flattening before any interior optimum;
 
 and across budgets (compute ``C = 6 P_act D``, the paper's convention, with ``P_act`` the pure
 MoE's active parameters and ``D`` the training tokens):
@@ -36,6 +39,9 @@ from analysis.fit import fit_optimum_vs_compute, fit_u_curve
 PAPER_GAINS = {2e20: 1.829 - 1.8155, 6e20: 1.7248 - 1.7109}
 # The paper-regime CPU ladder (engram_jax.allocation.BUDGETS), smallest compute first.
 LADDER = ("cpu-1e12", "cpu-3e12", "cpu-1e13")
+# The low-rho tail of a curve: where a U must turn up. Its slope dL/drho is > 0 while moving more
+# of the sparse budget into Engram still lowers the loss and < 0 once it raises it.
+TAIL_RHO = 0.6
 NAN = float("nan")
 
 
@@ -66,14 +72,19 @@ def _cell_means(d: pd.DataFrame, rng: np.random.Generator | None) -> pd.DataFram
 
 
 def _gains(means: pd.DataFrame) -> pd.DataFrame:
-    """Per budget: L(1.0), the best rho, L(best) and the gain L(1.0) - L(best)."""
+    """Per budget: L(1.0), the best rho, L(best), the gain L(1.0) - L(best) and the tail slope
+    (the least-squares slope dL/drho of the means at rho <= TAIL_RHO)."""
     rows = []
     for b, g in means.groupby("budget"):
         one = g.loc[g["rho"] == 1.0, "val_loss"]
         best = g.loc[g["val_loss"].idxmin()]
         l1 = float(one.iloc[0]) if len(one) else NAN
+        tail = g[g["rho"] <= TAIL_RHO + 1e-9]
+        slope = (float(np.polyfit(tail["rho"], tail["val_loss"], 1)[0])
+                 if tail["rho"].nunique() >= 2 else NAN)
         rows.append({"budget": b, "L1": l1, "best_rho": float(best["rho"]),
-                     "L_best": float(best["val_loss"]), "gain": l1 - float(best["val_loss"])})
+                     "L_best": float(best["val_loss"]), "gain": l1 - float(best["val_loss"]),
+                     "tail_slope": slope})
     return pd.DataFrame(rows)
 
 
@@ -97,7 +108,8 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
 
     Returns:
         ``per_budget`` (DataFrame: budget, C, n_rho, n_seeds, L1, best_rho, L_best, gain and its
-        interval, seed_sd, gain_sd (gain / seed_sd), rho_star, ci_low, ci_high, is_u_shaped,
+        interval, seed_sd, gain_sd (gain / seed_sd), tail_slope (dL/drho of the means at
+        rho <= TAIL_RHO) and its interval (tail_lo, tail_hi), rho_star, ci_low, ci_high, is_u_shaped,
         reason, l_star, dl_star (L(rho*) - L(1.0) or, without an interior optimum, L(best) -
         L(1.0)) and dl_star_sd (that in seed standard deviations)), ``fits`` (per budget, the
         fit_u_curve dicts), ``optimum_vs_compute`` (fit_optimum_vs_compute), ``laws`` ({"L1",
@@ -124,6 +136,8 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
         out["fits"][b] = f
         sd = float(np.sqrt(g.groupby("rho")["val_loss"].var(ddof=1).dropna().mean()))
         gains = np.array([bt.loc[b, "gain"] for bt in boot])
+        tails = np.array([bt.loc[b, "tail_slope"] for bt in boot])
+        tails = tails[np.isfinite(tails)]
         p = point.loc[b]
         dl = (f["l_star"] - p["L1"]) if f["is_u_shaped"] else (p["L_best"] - p["L1"])
         rows.append({
@@ -133,6 +147,9 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
             "gain_lo": float(np.percentile(gains, z_lo)) if n_boot else NAN,
             "gain_hi": float(np.percentile(gains, z_hi)) if n_boot else NAN,
             "seed_sd": sd, "gain_sd": p["gain"] / sd if sd > 0 else NAN,
+            "tail_slope": p["tail_slope"],
+            "tail_lo": float(np.percentile(tails, z_lo)) if len(tails) else NAN,
+            "tail_hi": float(np.percentile(tails, z_hi)) if len(tails) else NAN,
             "rho_star": f["rho_star"], "ci_low": f["ci_low"], "ci_high": f["ci_high"],
             "is_u_shaped": f["is_u_shaped"], "reason": f["reason"], "l_star": f["l_star"],
             "dl_star": dl, "dl_star_sd": dl / sd if sd > 0 else NAN,
@@ -191,8 +208,10 @@ def report_markdown(rep: dict[str, Any]) -> str:
     if per.empty:
         return "no allocation grids with finished trials"
     lines = ["| budget | C = 6 P_act D | rho values x seeds | L(1.0) | best rho | L(best) "
-             "| gain L(1.0) - L(best) [95%] | seed sd | rho* [95%] | L(rho*) - L(1.0) in seed sd |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| gain L(1.0) - L(best) [95%] | seed sd "
+             f"| tail slope dL/drho at rho <= {TAIL_RHO:g} [95%] "
+             "| rho* [95%] | L(rho*) - L(1.0) in seed sd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in per.itertuples():
         why = str(r.reason).removeprefix("no interior optimum: ")
         rho = (f"{r.rho_star:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" if r.is_u_shaped
@@ -200,9 +219,12 @@ def report_markdown(rep: dict[str, Any]) -> str:
         seeds = r.n_seeds >= 2 and math.isfinite(r.seed_sd)
         gain = (f"{r.gain:.4f} [{r.gain_lo:.4f}, {r.gain_hi:.4f}]" if seeds
                 else f"{r.gain:.4f} (one seed: no interval)")
+        tail = ("-" if not math.isfinite(r.tail_slope) else
+                f"{r.tail_slope:+.4f} [{r.tail_lo:+.4f}, {r.tail_hi:+.4f}]" if seeds
+                else f"{r.tail_slope:+.4f}")
         lines.append(
             f"| {r.budget} | {r.C:.3g} | {r.n_rho} x {r.n_seeds} | {r.L1:.4f} | {r.best_rho:.1f} "
-            f"| {r.L_best:.4f} | {gain} | {f'{r.seed_sd:.4f}' if seeds else '-'} "
+            f"| {r.L_best:.4f} | {gain} | {f'{r.seed_sd:.4f}' if seeds else '-'} | {tail} "
             f"| {rho} | {f'{r.dl_star_sd:+.1f}' if seeds else '-'} |")
     if len(rep.get("law_budgets", [])) < 2:
         return "\n".join(lines + ["", "Across budgets: nothing to fit until a second budget has "

@@ -26,6 +26,10 @@ def test_ladder_report_recovers_the_truth(runs):
         assert r.is_u_shaped and r.ci_low <= 0.78 <= r.ci_high, r
         assert r.gain_lo <= r.gain <= r.gain_hi and r.gain > 0
         assert r.n_rho == 7 and r.n_seeds == 3
+        # loss = L_b + 0.3 (rho - 0.78)^2 at rho 0.4, 0.5, 0.6: least-squares slope
+        # 2 * 0.3 * (0.5 - 0.78) = -0.168 exactly (a parabola's secant slopes are linear in rho).
+        assert r.tail_lo <= -0.168 <= r.tail_hi and r.tail_slope == pytest.approx(-0.168, abs=0.025)  # 3 se
+        assert r.tail_hi - r.tail_lo < 0.05
     # The synthetic loss falls with compute: negative exponents with intervals around them.
     for key in ("L1", "L_best"):
         lo, hi = rep["laws"][key]["b_ci"]
@@ -37,6 +41,7 @@ def test_ladder_report_recovers_the_truth(runs):
     assert (ext["gain"] <= ext["hi"]).all() and (ext["decades"] > 3).all()
     text = report_markdown(rep)
     assert "| small |" in text and "rho* against compute" in text and "6e+20" in text
+    assert "tail slope dL/drho at rho <= 0.6" in text and "| -0.16" in text
 
 
 def test_flat_budget_answers_no_interior_optimum(tmp_path):
