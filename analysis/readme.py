@@ -75,8 +75,9 @@ def block_ladder_results(results: Path) -> str:
     runs = pd.concat(frames, ignore_index=True)
     from engram_jax.allocation import BUDGETS
 
-    counts = ", ".join(f"{b}: {len(g)} of {len(BUDGETS[b].rhos) * len(BUDGETS[b].seeds)} trials"
-                       for b, g in runs.groupby("budget"))
+    n = runs["budget"].value_counts()
+    counts = ", ".join(f"{b}: {n[b]} of {len(BUDGETS[b].rhos) * len(BUDGETS[b].seeds)} trials"
+                       for b in LADDER if b in n)
     return f"Finished: {counts}.\n\n" + report_markdown(ladder_report(runs, n_boot=N_BOOT))
 
 
