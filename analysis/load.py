@@ -230,12 +230,17 @@ def memory_column(df: pd.DataFrame) -> str | None:
     return None
 
 
-def is_budget_curve(grid: str, budget: str) -> bool:
-    """True when grid ``grid`` holds the budget's own allocation curve: named after the budget
-    (``cpu-1e12``) or its seed replicates (``cpu-small-seeds``). Grids that change the model or
-    its training at the same budget (``muon-cpu-1e12``, ``ablation-cpu-1e12-conv``) share its
-    ``budget`` column but are other curves: they must never be pooled into it."""
-    return grid == budget or grid.startswith(f"{budget}-seeds")
+# Grids that change a budget's model or training (the paper's ablations, the Muon curve, memory
+# scaling) are named by these prefixes (sweeps/grids/). They share the budget's ``budget`` column
+# but are other curves: they are never pooled into the budget's allocation curve.
+VARIANT_PREFIXES = ("ablation-", "muon-", "memory-")
+
+
+def is_variant_grid(grid: str) -> bool:
+    """True for a grid named as a variant of its budget (``muon-cpu-1e12``,
+    ``ablation-cpu-1e12-conv``): analysed beside the budget's curve (analysis.paper), never
+    pooled into it. Any other allocation grid of a budget (``cpu-small-seeds``) pools with it."""
+    return str(grid).startswith(VARIANT_PREFIXES)
 
 
 def budgets_by_compute(df: pd.DataFrame) -> list:

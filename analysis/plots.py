@@ -295,7 +295,7 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
         fig = plot_curves(runs, load.load_curves(gdir))
         if fig is not None:
             written += save(fig, out, f"{name}_curves")
-        if load.is_allocation_grid(runs) and load.is_budget_curve(name, str(runs["budget"].iloc[0])):
+        if load.is_allocation_grid(runs) and not load.is_variant_grid(name):
             alloc.append(runs)
     # A budget run in several grids (e.g. seed replicates in a grid of their own) also gets one
     # figure with every seed pooled, which is the one to read for the optimum and its interval.

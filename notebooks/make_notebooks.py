@@ -80,7 +80,10 @@ rises about four times more steeply toward $\\rho = 1$ than toward $\\rho = 0.4$
    curves is in `results/calibration/`;
 5. cross-checks with the argmin of an Akima spline through the means."""),
         new_code_cell('''\
-alloc = [g for g in GRIDS if load.is_allocation_grid(load.load_runs(g))]
+# Variant grids (muon-*, ablation-*: another model or optimizer at a budget) are other curves,
+# compared with their budget's in the README (analysis.paper): they are not pooled here.
+alloc = [g for g in GRIDS
+         if not load.is_variant_grid(g.name) and load.is_allocation_grid(load.load_runs(g))]
 if not alloc:
     print(f"No sparsity-allocation grid under {RESULTS} yet: run `make sweep`, then re-run this "
           "notebook.")

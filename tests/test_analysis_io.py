@@ -117,10 +117,9 @@ def test_make_all_writes_figures(results, tmp_path):
         _check_png(tmp_path / f"{stem}.png")
         assert (tmp_path / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
     assert "mono_curves.png" not in names  # that grid has no curves: skipped, not an error
-    # Budget "small" has runs in two grids (alloc, mono), neither named after it: two different
-    # curves at one budget are never pooled into a figure (tests/test_paper.py checks that a
-    # budget's own seed-replicate grid is).
-    assert not any("pooled" in n for n in names)
+    # Budget "small" has runs in two grids (alloc, mono): one pooled figure; "medium" only in one.
+    assert "small_allocation_pooled.png" in names and "medium_allocation_pooled.png" not in names
+    _check_png(tmp_path / "small_allocation_pooled.png")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

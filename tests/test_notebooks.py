@@ -29,6 +29,9 @@ def fake_results(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nb_results")
     synthetic.write_rho_grid(root, "alloc", budgets=("small", "medium"), seeds=2)
     synthetic.write_memory_grid(root, "memory")
+    # Another curve at budget "small" (a variant grid): listed, never pooled into "alloc"'s curve.
+    synthetic.write_rho_grid(root, "muon-small", budgets=("small",), seeds=1, shape="flat",
+                             curves=False)
     return root
 
 
@@ -101,7 +104,7 @@ def test_notebook_on_synthetic_grids(name, fake_results, monkeypatch):
     assert images, "no figure was displayed"
     _check_printed_numbers(name, text, fake_results)
     if name.startswith("01"):
-        assert "28 ok runs from 1 grid(s)" in text  # 2 budgets x 7 rho x 2 seeds
+        assert "28 ok runs from 1 grid(s)" in text  # 2 budgets x 7 rho x 2 seeds, no muon-small
     else:
         # the known law is recovered: alpha within 0.03 of the truth, inside its interval
         # (measured: 0.299 [0.283, 0.314])

@@ -139,8 +139,8 @@ def test_optimizer_comparison_and_no_leak_into_the_budget_curve(tmp_path):
     md = paper.optimizer_markdown(t.reset_index())
     assert "| Muon | muon-small | 21 |" in md and "no interior optimum" in md
     # muon-small shares the budget column with small but is another curve: never pooled into it.
-    assert load.is_budget_curve("small", "small") and load.is_budget_curve("small-seeds", "small")
-    assert not load.is_budget_curve("muon-small", "small")
+    assert load.is_variant_grid("muon-small") and load.is_variant_grid("ablation-small-conv")
+    assert not load.is_variant_grid("small") and not load.is_variant_grid("small-seeds")
     assert load.load_runs(muon)["budget"].iloc[0] == "small"
     written = {p.name for p in plots.make_all(tmp_path, tmp_path / "fig", n_boot=20)}
     assert "muon-small_allocation.png" in written and "small_allocation.png" in written
