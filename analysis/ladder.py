@@ -27,6 +27,7 @@ No JAX here: everything comes from ``runs.csv`` tables.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import numpy as np
@@ -60,14 +61,21 @@ def allocation_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return d.reset_index(drop=True)
 
 
-def _cell_means(d: pd.DataFrame, rng: np.random.Generator | None) -> pd.DataFrame:
-    """Mean loss per (budget, rho); with ``rng``, of a resample of the seeds in each cell."""
-    if rng is None:
+def _budget_rngs(budgets, seed: int) -> dict[str, np.random.Generator]:
+    """One bootstrap generator per budget, seeded by ``seed`` and the budget's name, so that a
+    budget's intervals do not move when another budget's rows change."""
+    return {b: np.random.default_rng([seed, zlib.crc32(str(b).encode())]) for b in budgets}
+
+
+def _cell_means(d: pd.DataFrame, rngs: dict[str, np.random.Generator] | None) -> pd.DataFrame:
+    """Mean loss per (budget, rho); with ``rngs`` (a generator per budget), of a resample of the
+    seeds in each cell."""
+    if rngs is None:
         return d.groupby(["budget", "rho"])["val_loss"].mean().reset_index()
     parts = []
     for (b, r), g in d.groupby(["budget", "rho"]):
         v = g["val_loss"].to_numpy()
-        parts.append((b, r, float(np.mean(v[rng.integers(0, len(v), len(v))]))))
+        parts.append((b, r, float(np.mean(v[rngs[b].integers(0, len(v), len(v))]))))
     return pd.DataFrame(parts, columns=["budget", "rho", "val_loss"])
 
 
@@ -125,8 +133,8 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
     z_lo, z_hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     budgets = d.groupby("budget")["C"].median().sort_values()
     point = _gains(_cell_means(d, None)).set_index("budget").loc[budgets.index]
-    rng = np.random.default_rng(seed)
-    boot = [_gains(_cell_means(d, rng)).set_index("budget").loc[budgets.index]
+    rngs = _budget_rngs(budgets.index, seed)
+    boot = [_gains(_cell_means(d, rngs)).set_index("budget").loc[budgets.index]
             for _ in range(n_boot)]
 
     rows = []
@@ -243,9 +251,15 @@ def report_markdown(rep: dict[str, Any]) -> str:
     lines += ["", rep["gain_trend"] + ".", "",
               "| C | extrapolated gain [95%] | decades beyond the ladder | paper |", "|---|---|---|---|"]
     for r in rep["extrapolation"].itertuples():
-        lines.append(f"| {r.C:.0e} | {r.gain:.4f} [{r.lo:.4f}, {r.hi:.4f}] | {r.decades:.1f} "
-                     f"| {r.paper:.4f} |")
+        lines.append(f"| {r.C:.0e} | {_small(r.gain)} [{_small(r.lo)}, {_small(r.hi)}] "
+                     f"| {r.decades:.1f} | {r.paper:.4f} |")
     return "\n".join(lines)
+
+
+def _small(x: float) -> str:
+    """A loss difference: four decimals, or two significant digits below 1e-3 (so that a gain
+    extrapolated to 1e-6 does not read as zero)."""
+    return f"{x:.4f}" if x == 0 or not math.isfinite(x) or abs(x) >= 1e-3 else f"{x:.1e}"
 
 
 def plot_ladder(runs: pd.DataFrame, rep: dict[str, Any]):

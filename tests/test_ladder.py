@@ -44,6 +44,24 @@ def test_ladder_report_recovers_the_truth(runs):
     assert "tail slope dL/drho at rho <= 0.6" in text and "| -0.16" in text
 
 
+def test_a_budgets_intervals_do_not_depend_on_the_other_budgets(runs):
+    """Each budget bootstraps with its own generator: dropping a budget, or a seed of another
+    budget, leaves the intervals of the rest exactly as they were."""
+    cols = ["gain_lo", "gain_hi", "tail_lo", "tail_hi"]
+    full = ladder_report(runs, n_boot=60)["per_budget"].set_index("budget")[cols]
+    fewer = runs[(runs["budget"] != "large")
+                 & ~((runs["budget"] == "medium") & (runs["seed"] == 2))]
+    part = ladder_report(fewer, n_boot=60)["per_budget"].set_index("budget")[cols]
+    assert list(part.index) == ["small", "medium"]
+    assert part.loc["small"].equals(full.loc["small"])
+    assert not part.loc["medium"].equals(full.loc["medium"])  # its own seeds did change
+
+
+def test_tiny_extrapolated_gains_are_not_printed_as_zero():
+    from analysis.ladder import _small
+    assert _small(3.6e-6) == "3.6e-06" and _small(0.0139) == "0.0139" and _small(0.0) == "0.0000"
+
+
 def test_flat_budget_answers_no_interior_optimum(tmp_path):
     grid = synthetic.write_rho_grid(tmp_path, "flat", budgets=("small",), shape="flat")
     rep = ladder_report(load.load_runs(grid), n_boot=100)
