@@ -81,23 +81,41 @@ def block_ladder_results(results: Path) -> str:
     return f"Finished: {counts}.\n\n" + report_markdown(ladder_report(runs, n_boot=N_BOOT))
 
 
+def _rho1_by_rate(results: Path, b: str) -> pd.DataFrame:
+    """Every finished rho = 1.0 trial of budget ``b`` with its peak rate and seed: the rate sweep
+    (``lr-<b>``), its extra seeds (``lr-<b>-seeds``) and the allocation grid (``<b>``, at the
+    budget's rate). A (rate, seed) pair met twice is one configuration: its first row is kept."""
+    frames = [g for g in (_grid(results, n) for n in (f"lr-{b}", f"lr-{b}-seeds", b)) if g is not None]
+    if not frames:
+        return pd.DataFrame(columns=["lr", "seed", "val_loss"])
+    d = pd.concat(frames, ignore_index=True)
+    d = d[(d["status"] == "ok") & (d["rho"] == 1.0)]
+    return d.drop_duplicates(["lr", "seed"])[["lr", "seed", "val_loss"]]
+
+
 def block_lr(results: Path) -> str:
-    lines = ["| budget | peak lr | val loss at rho = 1.0 | val loss at rho = 0.7 |",
-             "|---|---|---|---|"]
+    """Per budget and peak rate: the one-seed loss at rho = 1.0 and 0.7, and, where a rate has
+    at least two seeds at rho = 1.0 (``lr-<b>-seeds``, the allocation grid), their mean ± sd."""
+    lines = ["| budget | peak lr | val loss at rho = 1.0 | val loss at rho = 0.7 "
+             "| rho = 1.0, mean ± sd over seeds (n) |",
+             "|---|---|---|---|---|"]
     any_row = False
     for b in LADDER:
         one, seven = _grid(results, f"lr-{b}"), _grid(results, f"lr-{b}-rho0.7")
         if one is None:
             continue
+        seeds = _rho1_by_rate(results, b)
         rates = sorted(set(one["lr"]) | (set(seven["lr"]) if seven is not None else set()))
         best1 = one.loc[one["val_loss"].idxmin(), "lr"]
         best7 = seven.loc[seven["val_loss"].idxmin(), "lr"] if seven is not None else None
         for lr in rates:
             v1 = one.loc[one["lr"] == lr, "val_loss"]
             v7 = seven.loc[seven["lr"] == lr, "val_loss"] if seven is not None else pd.Series(dtype=float)
+            vs = seeds.loc[np.isclose(seeds["lr"], lr), "val_loss"]
             cell1 = f"{v1.iloc[0]:.4f}" + (" (best)" if lr == best1 else "") if len(v1) else "-"
             cell7 = f"{v7.iloc[0]:.4f}" + (" (best)" if lr == best7 else "") if len(v7) else "-"
-            lines.append(f"| {b} | {lr:g} | {cell1} | {cell7} |")
+            cells = f"{vs.mean():.4f} ± {vs.std(ddof=1):.4f} ({len(vs)})" if len(vs) >= 2 else "-"
+            lines.append(f"| {b} | {lr:g} | {cell1} | {cell7} | {cells} |")
             any_row = True
     return "\n".join(lines) if any_row else "No learning-rate grid has finished yet."
 
