@@ -218,7 +218,7 @@ def plot_memory_comparison(cmp: dict[str, Any]):
         ax.set_ylabel("validation loss")
         seeds = pd.concat([a["runs"] for a in cmp["arms"].values()])["seed"].nunique()
         ax.set_title(f"Engram vs OverEncoding | {cmp['budget']} | {seeds} seeds", fontsize=7)
-        ax.legend(fontsize=5.5)
+        ax.legend(fontsize=5.5, loc="lower left")  # the curves fall to the right
         fig.tight_layout()
     return fig
 
