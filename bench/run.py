@@ -4,7 +4,9 @@ For each preset of the chosen size, at rho = 1.0 (pure MoE) and rho = 0.8 (an is
 hybrid from ``allocation.allocate``, same active FLOPs), it measures the train step, attention,
 the MoE layer vs a dense FFN with the same useful FLOPs, the Engram gather/scatter vs plain
 take / scatter-add ceilings, the host input pipeline and the real pipeline vs a device-resident
-batch; ``--only offload`` compares host-offloaded Engram tables with device-resident ones.
+batch; ``--only offload`` compares host-offloaded Engram tables with device-resident ones, and
+``--only breakdown`` (CPU) splits a single-threaded train step of every CPU budget into its
+sublayers and the optimizer update (``bench/breakdown.py``).
 
 Sizes: ``full`` = the GPU presets gpu-s and gpu-m at their budgets' batch sizes (default on a GPU);
 ``small`` = cpu-small (default on the CPU, a few minutes on 2 cores, plus the ``grid`` part: a
@@ -29,7 +31,7 @@ from bench.parts import Timing, attention_rows, engram_rows, moe_rows, pipeline_
 from engram_jax.allocation import BUDGETS, allocate
 from engram_jax.config import TrainConfig, preset
 
-PARTS = ("train", "attention", "moe", "engram", "pipeline", "grid", "offload")
+PARTS = ("train", "attention", "moe", "engram", "pipeline", "grid", "offload", "breakdown")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,7 @@ def run(size_name: str, only: str | None, out: Path | None, corpus: str | None =
     # One peak per run: every ratio of this run's rows is taken against this row (same `run`).
     res.add(Row("reference_peak_tflops", f"run:{res.run_id}", peak.flops / 1e12, "TFLOP/s"))
     t = Timing(size.repeats, size.inner)
-    want = (lambda p: p == only) if only else (lambda p: p != "offload")
+    want = (lambda p: p == only) if only else (lambda p: p not in ("offload", "breakdown"))
     # The grid part runs by default at size small (make bench) and whenever it is named.
     if (want("grid") and jax.default_backend() == "cpu" and size_name in GRID_SIZES
             and (only == "grid" or size_name == "small")):
@@ -89,7 +91,14 @@ def run(size_name: str, only: str | None, out: Path | None, corpus: str | None =
         budgets, frac, grid_corpus = GRID_SIZES[size_name]
         res.add(*grid_rows(peak, budgets=list(budgets) if budgets else None, steps_fraction=frac,
                            corpus=corpus or grid_corpus))
-    if only == "grid":
+    if want("breakdown") and jax.default_backend() == "cpu" and size_name in GRID_SIZES:
+        from bench.breakdown import breakdown_rows
+        from bench.grid import cpu_budgets
+
+        budgets = GRID_SIZES[size_name][0]
+        res.add(*breakdown_rows(peak, list(budgets) if budgets else cpu_budgets(),
+                                repeats=t.repeats))
+    if only in ("grid", "breakdown"):
         want = lambda p: False  # noqa: E731
     for name in size.presets:
         tps = {}
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/bench", help="directory of the CSV")
     ap.add_argument("--size", choices=sorted(SIZES),
                     help="default: full on a GPU/TPU, small on the CPU")
-    ap.add_argument("--only", choices=PARTS, help="run one part (offload runs only when named)")
+    ap.add_argument("--only", choices=PARTS, help="run one part (offload and breakdown run only when named)")
     ap.add_argument("--corpus", help="override the size's corpus (pystdlib | pysrc | a path)")
     a = ap.parse_args(argv)
     size = a.size or ("small" if jax.default_backend() == "cpu" else "full")

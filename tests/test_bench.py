@@ -108,3 +108,29 @@ def test_tiny_bench_with_a_grid_is_consistent_and_keeps_other_runs(tmp_path):
     assert {"grid_mfu", "grid_model_tflops", "grid_wall_s", "offloaded_tokens_per_s"} <= names
     assert {r["config"] for r in rows if r["name"] == "grid_mfu"} == {"smoke@2x1cpu", "smoke@1x2cpu"}  # the only budget
     _consistent(rows)
+
+
+def test_breakdown_flops_add_up_to_the_model_count():
+    """The breakdown's per-component FLOPs (attention, MoE or dense FFN, head) sum to
+    ``counting.flops_per_token`` of the pure MoE exactly: an independent count of each part."""
+    from bench.breakdown import component_flops
+    from engram_jax.allocation import BUDGETS, allocate
+
+    for name, b in BUDGETS.items():
+        cfg = allocate(b.base(), 1.0)
+        f = component_flops(cfg, 3)
+        parts = sum(v for k, v in f.items() if k not in ("step", "grad"))
+        assert parts == pytest.approx(f["step"], rel=1e-12), name
+
+
+def test_breakdown_part_runs(tmp_path):
+    run("tiny", "breakdown", tmp_path)
+    rows = _rows(next(tmp_path.glob("*.csv")))
+    ms = {r["config"]: float(r["value"]) for r in rows if r["name"] == "step_breakdown_ms"}
+    for rho in ("1.0", "0.8"):
+        tag = f"smoke@rho={rho}@1thread"
+        for c in ("step", "attention", "moe", "head", "optimizer", "other"):
+            assert f"{tag}@{c}" in ms, (tag, c)
+        assert all(ms[f"{tag}@{c}"] > 0 for c in ("step", "attention", "moe", "head"))
+    assert "smoke@rho=0.8@1thread@engram" in ms and "smoke@rho=1.0@1thread@engram" not in ms
+    _consistent(rows)
