@@ -209,13 +209,15 @@ def is_allocation_grid(df: pd.DataFrame) -> bool:
 def is_memory_grid(df: pd.DataFrame) -> bool:
     """True when a grid varies Engram memory size rather than the allocation rho.
 
-    Such grids name an Engram key in ``sweep_key`` (e.g. "engram.table_sizes"); older tables
-    without sweep_key count as memory grids when rho is constant but engram_slots varies.
+    Such grids name an Engram or OverEncoding key in ``sweep_key`` (e.g. "engram.table_sizes")
+    and their memory size varies: a sweep of another Engram switch (the ablations' "engram.gate")
+    is not one. Older tables without sweep_key count as memory grids when rho is constant but
+    engram_slots varies.
     """
     if "sweep_key" in df.columns:
         keys = df["sweep_key"].dropna().astype(str)
         if len(keys) and (keys != "rho").any() and keys.str.contains("engram|overencoding").any():
-            return True
+            return memory_column(df) is not None
         if len(keys) and (keys == "rho").all():
             return False
     return df["rho"].nunique() <= 1 and memory_column(df) is not None

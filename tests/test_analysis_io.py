@@ -98,6 +98,16 @@ def test_curves_and_grid_kind(results):
     assert load.find_grids(results) == [results / n for n in ("alloc", "memory", "mono")]
 
 
+def test_a_sweep_of_an_engram_switch_is_not_a_memory_grid():
+    """An ablation sweeps an Engram key ("engram.gate") at fixed tables: no memory size varies."""
+    ablation = pd.DataFrame({"rho": [0.8] * 4, "sweep_key": ["engram.gate"] * 4,
+                             "engram_slots": [27544] * 4, "params_engram_tables": [110176] * 4,
+                             "params_overencoding_tables": [0] * 4})
+    assert not load.is_memory_grid(ablation) and load.is_allocation_grid(ablation)
+    sizes = ablation.assign(sweep_key="engram.table_sizes", engram_slots=[4062, 16024] * 2)
+    assert load.is_memory_grid(sizes) and load.memory_column(sizes) == "engram_slots"
+
+
 def _check_png(path: Path) -> None:
     import matplotlib.image as mpimg
 

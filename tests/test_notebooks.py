@@ -81,8 +81,10 @@ def _check_printed_numbers(name: str, text: str, root: Path) -> None:
     else:
         for block in re.split(r"\n(?=\S+: .*; x = )", text)[1:]:
             grid = block.split(":", 1)[0]
+            col = re.match(r"\S+: .*; x = (\S+)", block).group(1)  # the memory-size column
             runs = _ok_runs(root, [grid])
-            means = runs.groupby("engram_slots")["val_loss"].agg(["mean", "count"])
+            means = runs.groupby("engram_slots" if col == "None" else col)["val_loss"].agg(
+                ["mean", "count"])
             rows = MEMORY_ROW.findall(block)
             assert len(rows) == len(means), block[:500]
             for slots, mean, n in rows:
