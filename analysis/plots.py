@@ -193,6 +193,8 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> plt.Figure | None:
     if c.empty:
         return None
     vals = np.sort(runs[key].dropna().unique())
+    if not len(vals):  # no rho or memory size to colour by (the multi-branch ablation)
+        return None
     pos = vals[vals > 0]
     if mem:
         norm = matplotlib.colors.LogNorm(pos.min(), max(pos.max(), pos.min() * 1.01))
@@ -249,6 +251,29 @@ def plot_setting_sweep(runs: pd.DataFrame, key: str) -> plt.Figure:
     return fig
 
 
+def plot_ablation(runs: pd.DataFrame) -> plt.Figure:
+    """An ablation grid (one switch swept at a fixed rho): validation loss of each arm, every
+    seed as a dot and the mean with its standard error. The README's table (analysis.paper)
+    compares the arms with intervals."""
+    key = str(runs["sweep_key"].dropna().iloc[0]) if runs["sweep_key"].notna().any() else "arm"
+    arms = sorted(runs["sweep_value"].astype(str).unique()) if "sweep_value" in runs else ["all"]
+    with style.context():
+        fig, ax = plt.subplots(figsize=(style.COLUMN_WIDTH, style.COLUMN_WIDTH * style.ASPECT))
+        for i, arm in enumerate(arms):
+            v = runs.loc[runs["sweep_value"].astype(str) == arm, "val_loss"].to_numpy(float) \
+                if "sweep_value" in runs else runs["val_loss"].to_numpy(float)
+            ax.plot(np.full(len(v), i), v, "o", ms=3, alpha=0.5, color=style.DATA)
+            se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+            ax.errorbar([i + 0.15], [v.mean()], yerr=[se], fmt="D", ms=4, capsize=2,
+                        color=style.OPTIMUM)
+        ax.set_xticks(range(len(arms)), [f"{key.split('.')[-1]} = {a}" for a in arms], fontsize=6)
+        ax.set_xlim(-0.5, len(arms) - 0.5)
+        ax.set_ylabel("validation loss")
+        ax.set_title(describe(runs), fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
 def save(fig: plt.Figure, out_dir: str | Path, stem: str) -> list[Path]:
     """Writes ``<stem>.pdf`` and ``<stem>.png`` under out_dir and closes the figure."""
     out = Path(out_dir)
@@ -290,6 +315,8 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
             fig = plot_memory(runs, n_boot=min(n_boot, 500))
             if fig is not None:
                 written += save(fig, out, f"{name}_memory_scaling")
+        elif load.is_variant_grid(name) and runs["rho"].nunique() < 2:
+            written += save(plot_ablation(runs), out, f"{name}_arms")  # not a curve in rho
         else:
             written += save(plot_allocation(runs, n_boot=n_boot), out, f"{name}_allocation")
         fig = plot_curves(runs, load.load_curves(gdir))

@@ -128,6 +128,18 @@ def test_ablation_table_in_the_papers_form(tmp_path):
     assert paper.ablation_markdown(paper.ablation_table(tmp_path, "nothing")) == "Not run yet."
 
 
+def test_ablation_grids_get_a_figure_of_their_arms(tmp_path):
+    """An ablation is one switch at a fixed rho: its figure shows the arms, never an allocation
+    curve; a grid without a rho (the multi-branch model's) plots too."""
+    _ablation_results(tmp_path)
+    hc4 = tmp_path / "ablation-small-hc4-gate" / "runs.csv"
+    pd.read_csv(hc4).assign(rho=np.nan).to_csv(hc4, index=False)
+    names = {p.name for p in plots.make_all(tmp_path, tmp_path / "fig", n_boot=20)}
+    for g in ("gate", "conv", "layers01", "hc4-gate"):
+        assert f"ablation-small-{g}_arms.png" in names, g
+    assert not any("allocation" in n for n in names)
+
+
 def test_optimizer_comparison_and_no_leak_into_the_budget_curve(tmp_path):
     synthetic.write_rho_grid(tmp_path, "small", shape="monotone", curves=False)
     muon = synthetic.write_rho_grid(tmp_path, "muon-small", rho_star=0.7, curvature=0.5,
