@@ -133,10 +133,15 @@ def test_offload_equals_lazy_adam_reference():
     ref_loss, ref_norm, ref_tables = train_device(dev, reference_optimizer(TCFG), n)
     loss, norm, store, _ = train_offload(off, n)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    np.testing.assert_allclose(norm, ref_norm, rtol=1e-5)
+    # The two paths are separately compiled programs: float32 rounding differs and Adam's
+    # normalised updates carry it forward (1.9e-5 relative in the sixth step's gradient norm); a
+    # semantic difference (a missed row, a wrong clip) shows at 1e-2.
+    np.testing.assert_allclose(norm, ref_norm, rtol=5e-5)
     assert norm.max() > TCFG.grad_clip  # the clip (with the table's share of the norm) was active
     for lid, t in ref_tables.items():
-        np.testing.assert_allclose(store.tables[lid], t, rtol=0, atol=5e-5)
+        # An entry whose gradient is near zero gets an Adam update whose size hangs on that
+        # rounding (6e-5 seen, 1 entry of 8480); a missed or doubled row is off by ~1e-2.
+        np.testing.assert_allclose(store.tables[lid], t, rtol=0, atol=2e-4)
         assert np.abs(t - table_init_of(off, lid)).max() > 0.1  # the tables did train
 
 
