@@ -114,8 +114,7 @@ def measure(budget: str, rho: float, *, repeats: int = 7) -> dict:
     ms["other"] = ms["grad"] - sum(ms[k] for k in one)
 
     flops = component_flops(cfg, B)
-    return {"budget": budget, "rho": rho, "batch": B, "seq_len": T, "ms": ms, "flops": flops,
-            "threads": os.environ.get("XLA_FLAGS", "")}
+    return {"budget": budget, "rho": rho, "batch": B, "seq_len": T, "ms": ms, "flops": flops}
 
 
 def component_flops(cfg, B: int) -> dict[str, float]:
@@ -138,16 +137,12 @@ def component_flops(cfg, B: int) -> dict[str, float]:
     return flops
 
 
-def run_subprocess(budget: str, rho: float, *, repeats: int = 7, single_thread: bool = True,
-                   timeout: int = 900) -> dict:
-    """``measure`` in a fresh process (XLA's thread settings are fixed when JAX starts)."""
+def run_subprocess(budget: str, rho: float, *, repeats: int = 7, timeout: int = 900) -> dict:
+    """``measure`` in a fresh single-threaded process (XLA's thread settings are fixed when JAX
+    starts), as a grid trial with one CPU runs."""
     from sweeps.trainable import CPU_SINGLE_THREAD_FLAGS
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    if single_thread:
-        env["XLA_FLAGS"] = CPU_SINGLE_THREAD_FLAGS
-    else:
-        env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": CPU_SINGLE_THREAD_FLAGS}
     proc = subprocess.run([sys.executable, "-m", REPO_MODULE, "--budget", budget, "--rho", str(rho),
                            "--repeats", str(repeats)],
                           env=env, capture_output=True, text=True, timeout=timeout)
@@ -194,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from engram_jax.allocation import BUDGETS
 
-    if a.budget not in BUDGETS:
-        ap.error(f"unknown budget {a.budget!r}; known: {', '.join(sorted(BUDGETS))}")
+    cpu = sorted(k for k, b in BUDGETS.items() if b.device == "cpu")
+    if a.budget not in cpu:
+        ap.error(f"the breakdown times CPU budgets; got {a.budget!r}, known: {', '.join(cpu)}")
     if not 0.0 < a.rho <= 1.0:
         ap.error(f"--rho must be in (0, 1], got {a.rho}")
     print(json.dumps(measure(a.budget, a.rho, repeats=a.repeats)))

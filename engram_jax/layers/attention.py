@@ -53,8 +53,9 @@ def causal_attention_heads_major(q_BxTxNxH: jax.Array, k_BxSxNxH: jax.Array,
 
     Same mathematics (scale 1/sqrt(H), causal mask, softmax in float32), other float rounding.
     On the CPU, at the ladder's head sizes (12 to 18), XLA runs the batched matmuls of this
-    layout much faster than those of the [B, T, N, H] layout: a ``cpu-1e12`` layer's forward and
-    backward take 10.6 ms instead of 25.2 (``results/bench/README.md``). Other backends keep
+    layout much faster than those of the [B, T, N, H] layout: ``cpu-1e12``'s two layers, forward
+    and backward, take 16.9 ms instead of 46.1 (``python -m bench.run --only breakdown``;
+    ``results/bench/README.md``). Other backends keep
     ``jax.nn.dot_product_attention``, which may pick a fused kernel there.
     """
     dt = q_BxTxNxH.dtype
