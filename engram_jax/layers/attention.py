@@ -49,26 +49,31 @@ class Attention(nnx.Module):
 def causal_attention_heads_major(q_BxTxNxH: jax.Array, k_BxSxNxH: jax.Array,
                                  v_BxSxNxH: jax.Array) -> jax.Array:
     """``jax.nn.dot_product_attention(q, k, v, is_causal=True)`` computed with the heads moved
-    in front of the positions ([B, N, T, H]) before the two batched matmuls.
+    in front of the positions ([B, N, T, H]) before the two batched matmuls, and the softmax's
+    division applied to the [B, N, T, H] output instead of the [B, N, T, T] probabilities.
 
-    Same mathematics (scale 1/sqrt(H), causal mask, softmax in float32), other float rounding.
-    On the CPU, at the ladder's head sizes (12 to 18), XLA runs the batched matmuls of this
-    layout much faster than those of the [B, T, N, H] layout: ``cpu-1e12``'s two layers, forward
-    and backward, take 16.9 ms instead of 46.1 (``python -m bench.run --only breakdown``;
-    ``results/bench/README.md``). Other backends keep
-    ``jax.nn.dot_product_attention``, which may pick a fused kernel there.
+    Same mathematics (scale 1/sqrt(H), applied to q, causal mask, softmax in float32), other float rounding:
+    o = (exp(s - m) @ v) / sum(exp(s - m)) with m the row maximum (held constant under the
+    gradient, which does not change it: the softmax is invariant to the shift) and the causal
+    mask an additive -1e30 ([T, T], broadcast inside the fusion). On the CPU, at the ladder's
+    head sizes (12 to 18), XLA runs the batched matmuls of this layout much faster than those of
+    the [B, T, N, H] layout, and dividing the H-wide output rather than the T-wide probabilities
+    saves a pass over the largest tensor of the layer (``results/bench/README.md``). Other
+    backends keep ``jax.nn.dot_product_attention``, which may pick a fused kernel there.
     """
     dt = q_BxTxNxH.dtype
     H, T = q_BxTxNxH.shape[-1], q_BxTxNxH.shape[1]
     if k_BxSxNxH.shape[1] != T:
         raise ValueError(f"self-attention: {T} queries but {k_BxSxNxH.shape[1]} keys")
-    q = jnp.swapaxes(q_BxTxNxH, 1, 2)
+    q = jnp.swapaxes(q_BxTxNxH, 1, 2) * jnp.asarray(H**-0.5, dt)
     k = jnp.swapaxes(k_BxSxNxH, 1, 2)
     v = jnp.swapaxes(v_BxSxNxH, 1, 2)
     s_BxNxTxT = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
-    s_BxNxTxT = s_BxNxTxT * jnp.float32(H**-0.5)
-    causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    s_BxNxTxT = jnp.where(causal_TxT, s_BxNxTxT, jnp.finfo(jnp.float32).min)
-    p_BxNxTxT = jax.nn.softmax(s_BxNxTxT, axis=-1).astype(dt)
-    o_BxNxTxH = jnp.einsum("bnts,bnsh->bnth", p_BxNxTxT, v)
-    return jnp.swapaxes(o_BxNxTxH, 1, 2)
+    mask_TxT = jnp.where(jnp.tril(jnp.ones((T, T), dtype=bool)), 0.0, -1e30).astype(jnp.float32)
+    s_BxNxTxT = s_BxNxTxT + mask_TxT
+    m_BxNxTx1 = jax.lax.stop_gradient(jnp.max(s_BxNxTxT, axis=-1, keepdims=True))
+    e_BxNxTxT = jnp.exp(s_BxNxTxT - m_BxNxTx1)  # the diagonal is never masked: row sums >= 1
+    l_BxNxTx1 = jnp.sum(e_BxNxTxT, axis=-1, keepdims=True)
+    o_BxNxTxH = jnp.einsum("bnts,bnsh->bnth", e_BxNxTxT.astype(dt), v,
+                           preferred_element_type=jnp.float32)
+    return jnp.swapaxes((o_BxNxTxH / l_BxNxTx1).astype(dt), 1, 2)
