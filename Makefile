@@ -7,6 +7,7 @@ GRID    ?= sweeps/grids/smoke.yaml
 RESULTS ?= results
 FORCE   ?= 0
 STORAGE ?=
+COMPILE_CACHE ?=
 PYTEST_ARGS ?=
 # Which JAX build `make setup` installs: cuda when nvidia-smi lists a GPU, else cpu; ACCEL=cpu,
 # cuda or tpu overrides. The version range is the one pyproject.toml admits.
@@ -41,7 +42,7 @@ test-all: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 sweep: $(STAMP)
-	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,) $(if $(STORAGE),--storage $(STORAGE),)
+	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,) $(if $(STORAGE),--storage $(STORAGE),) $(if $(COMPILE_CACHE),--compile-cache $(COMPILE_CACHE),)
 
 fit: $(STAMP)
 	$(VPY) -m analysis fit $(RESULTS)/$(notdir $(basename $(GRID)))

@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a TrainConfig field (lr=1e-3) or model key (moe.top_k=2)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--compile-cache", default="default", metavar="DIR|default|off",
+                    help="JAX's persistent compilation cache (default: $ENGRAM_JAX_COMPILE_CACHE "
+                         "or ~/.cache/engram-jax/xla; off: none)")
     a = ap.parse_args(argv)
     try:
         cfg = preset(a.preset)
@@ -364,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
 
         resolve_corpus(a.corpus)  # a missing or empty corpus fails here, before any work
         out = Path(a.out or f"runs/{a.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        from engram_jax import compile_cache
+
+        compile_cache.enable(a.compile_cache)
         rec = run_trial(cfg, tcfg, corpus=a.corpus, out_dir=out, progress=not a.no_progress,
                         meta={"preset": a.preset, "rho": a.rho})
     except (ValueError, FileNotFoundError, TypeError, TrainingDiverged) as e:

@@ -132,12 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device-memory", type=float, default=None,
                     help="GiB of one GPU/TPU for the memory check (default: from Ray's "
                          "accelerator_type)")
+    ap.add_argument("--compile-cache", default="default", metavar="DIR|default|off",
+                    help="JAX's persistent compilation cache for the trials (default: "
+                         "$ENGRAM_JAX_COMPILE_CACHE or ~/.cache/engram-jax/xla on the machine "
+                         "that runs each trial; off: none)")
     ap.add_argument("--max-failures", type=int, default=3,
                     help="restarts of a trial after a lost node or worker (default: 3)")
     a = ap.parse_args(argv)
 
     try:
         grid = load_grid(a.grid)
+        _check_compile_cache(a.compile_cache)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -177,6 +182,21 @@ def main(argv: list[str] | None = None) -> int:
              if state == "partial" else ""), flush=True)
     pending = [c for c in trial_configs if c["trial_id"] not in kept]
     return _run(grid, out, pending, kept, a)
+
+
+def _check_compile_cache(setting: str) -> None:
+    """An explicit ``--compile-cache`` directory must be usable before any trial starts."""
+    if setting in ("default", "off"):
+        return
+    p = Path(setting).expanduser()
+    if p.exists() and not p.is_dir():
+        raise GridError(f"--compile-cache {setting}: not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GridError(f"--compile-cache {setting}: cannot create it ({e})") from None
+    if not os.access(p, os.W_OK):
+        raise GridError(f"--compile-cache {setting}: not writable")
 
 
 def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict], a) -> int:
@@ -219,6 +239,7 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
         for c in trial_configs:
             c["platform"] = platform
             c["cpus"] = res["cpu"]
+            c["compile_cache"] = a.compile_cache
             if c["trial_id"] in resume:
                 c["resume_from"] = resume[c["trial_id"]]
         writer = RowWriter(grid, out, kept, ray.__version__)

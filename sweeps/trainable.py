@@ -20,7 +20,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-CPU_SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 MANIFEST = "manifest.json"  # written into every checkpoint: its step and the size of each file
 
 
@@ -74,13 +73,14 @@ def unpack_checkpoint(checkpoint, out_dir: Path) -> dict:
 
 def train_trial(config: dict) -> None:
     """Tune function trainable. ``config["trial"]`` is a ``spec_to_config`` dict plus platform
-    ("cpu", "cuda" or "tpu"), cpus, and ``resume_from`` (a checkpoint path or URI, or absent)."""
+    ("cpu", "cuda" or "tpu"), cpus, ``compile_cache`` (``engram_jax.compile_cache`` setting:
+    "default", "off" or a directory; resolved on this machine) and ``resume_from`` (a checkpoint
+    path or URI, or absent)."""
     t = config["trial"]
     os.environ["JAX_PLATFORMS"] = t["platform"]
-    if t["platform"] == "cpu" and t.get("cpus") == 1 and "XLA_FLAGS" not in os.environ:
-        # One CPU per trial: XLA's CPU backend would otherwise start a thread per core in every
-        # trial; trials side by side ran faster single-threaded (results/bench/README.md).
-        os.environ["XLA_FLAGS"] = CPU_SINGLE_THREAD_FLAGS
+    from engram_jax import compile_cache
+
+    compile_cache.enable(t.get("compile_cache", compile_cache.DEFAULT))
     logging.getLogger("ray").setLevel(logging.WARNING)  # no line per saved Tune checkpoint
     from ray import tune
 

@@ -158,7 +158,6 @@ FAULT = MICRO.replace("rho: [1.0, 0.6]", "rho: [0.6]").replace("steps: 4", "step
 
 def test_trial_survives_a_hard_killed_node(corpus, tmp_path, short_tmp, env):  # noqa: F811
     from sweeps.grid import load_grid
-    from sweeps.trainable import CPU_SINGLE_THREAD_FLAGS
 
     grid = tmp_path / "fault.yaml"
     grid.write_text(FAULT.format(corpus=corpus).replace("name: micro", "name: fault"))
@@ -166,7 +165,7 @@ def test_trial_survives_a_hard_killed_node(corpus, tmp_path, short_tmp, env):  #
     spec = load_grid(grid).trials[0]
     base = cluster = None
     try:
-        # The same trial, uninterrupted, as the trainable runs it (one CPU, single-threaded XLA).
+        # The same trial, uninterrupted, as the trainable runs it.
         base = subprocess.Popen(
             [sys.executable, "-c",
              "import json, sys; from sweeps.grid import load_grid; "
@@ -174,7 +173,7 @@ def test_trial_survives_a_hard_killed_node(corpus, tmp_path, short_tmp, env):  #
              "r = run_trial(s.model, s.train, corpus=s.corpus, out_dir=sys.argv[2], "
              "progress=False, meta=s.meta); print(json.dumps([r['train_loss'], r['val_loss']]))",
              str(grid), str(tmp_path / "uninterrupted")],
-            cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": CPU_SINGLE_THREAD_FLAGS},
+            cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # The cluster lives in its own process (Ray's in-process state stays clean here).
         report = tmp_path / "fault.json"

@@ -109,6 +109,23 @@ def test_invalid_grid_fails_before_any_trial_and_touches_nothing(case, tmp_path,
     assert _snapshot(results) == before
 
 
+def test_unusable_compile_cache_fails_before_any_trial_and_touches_nothing(tmp_path, capsys):
+    from sweeps.run import main
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: g\nbudget: smoke\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "keep.txt").write_text("untouched")
+    not_a_dir = tmp_path / "cache-file"
+    not_a_dir.write_text("x")
+    before = _snapshot(results)
+    assert main([str(grid), "--results", str(results), "--compile-cache", str(not_a_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --compile-cache" in err and "not a directory" in err
+    assert _snapshot(results) == before and not_a_dir.read_text() == "x"
+
+
 def test_shipped_grids_load_with_stable_readable_ids():
     names = {p.stem for p in GRIDS}
     assert {"smoke", "cpu-small", "gpu-s", "gpu-m", "memory-smoke"} <= names
@@ -168,10 +185,14 @@ def test_micro_grid_runs_on_ray_and_refuses_to_overwrite(corpus, tmp_path, ray_e
     grid = tmp_path / "micro.yaml"
     grid.write_text(MICRO.format(corpus=corpus))
     results = tmp_path / "results"
-    rc = main([str(grid), "--results", str(results), "--max-concurrent", "1", "--num-cpus", "2"])
+    cache = tmp_path / "xla"
+    rc = main([str(grid), "--results", str(results), "--max-concurrent", "1", "--num-cpus", "2",
+               "--compile-cache", str(cache)])
     out = results / "micro"
     log = capsys.readouterr()
     assert rc == 0, log
+    # The trials compiled through the cache given on the command line.
+    assert any(p.name.startswith("jit_train_step") for p in cache.iterdir())
     assert "local Ray instance: node 127.0.0.1, no dashboard, token authentication on" in log.out
     rows = _rows(out / "runs.csv")
     assert [r["trial_id"] for r in rows] == ["rho1.00-s0", "rho0.60-s0"]
