@@ -1,8 +1,8 @@
 """The ``breakdown`` part of ``make bench``: where a CPU trial's train step spends its time.
 
 For each CPU budget at rho = 1.0 and 0.8 (the budget's batch size and sequence length) this times,
-in a subprocess with XLA's CPU backend single-threaded as a grid trial runs
-(``sweeps.trainable.CPU_SINGLE_THREAD_FLAGS``):
+in a subprocess pinned to one core (a grid trial's share of the machine when two run side by
+side):
 
 * ``step``: the jitted train step (``optim.make_steps``), forward, backward and optimizer update;
 * ``grad``: forward and backward of the whole model (``jax.grad`` of the same loss), so
@@ -16,7 +16,7 @@ in a subprocess with XLA's CPU backend single-threaded as a grid trial runs
 Each component row gives milliseconds and its share of the step; matmul components also give
 their achieved FLOP/s (``counting.py``'s convention: 3 x forward matmul FLOPs). Inputs are random
 (tokens uniform over the vocabulary, hash ids uniform within each head's sub-table).
-Run alone: ``python -m bench.breakdown --budget cpu-1e12 --rho 0.8`` prints JSON.
+Run alone: ``python -m bench.breakdown --budget cpu-1e12 --rho 0.8 --core 0`` prints JSON.
 """
 
 from __future__ import annotations
@@ -138,13 +138,12 @@ def component_flops(cfg, B: int) -> dict[str, float]:
 
 
 def run_subprocess(budget: str, rho: float, *, repeats: int = 7, timeout: int = 900) -> dict:
-    """``measure`` in a fresh single-threaded process (XLA's thread settings are fixed when JAX
-    starts), as a grid trial with one CPU runs."""
-    from sweeps.trainable import CPU_SINGLE_THREAD_FLAGS
-
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": CPU_SINGLE_THREAD_FLAGS}
+    """``measure`` in a fresh process pinned to one core (XLA sizes its CPU thread pool when JAX
+    starts), the share of the machine a grid trial has when two run side by side."""
+    core = min(os.sched_getaffinity(0))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", REPO_MODULE, "--budget", budget, "--rho", str(rho),
-                           "--repeats", str(repeats)],
+                           "--repeats", str(repeats), "--core", str(core)],
                           env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"breakdown of {budget} at rho {rho} failed (exit {proc.returncode}):\n"
@@ -158,7 +157,7 @@ COMPONENTS = ("attention", "moe", "dense_ffn", "engram", "head", "other", "optim
 def breakdown_rows(peak, budgets: list[str], *, repeats: int = 7) -> list:
     """Rows ``step_breakdown_ms`` per budget, rho and component (ratio = share of the step) and
     ``step_breakdown_tflops`` for the matmul components (ratio = against the run's peak, which is
-    both cores': a single-threaded component can reach about half of it)."""
+    both cores': a component on one core can reach about half of it)."""
     from bench.common import Row
 
     out = []
@@ -166,7 +165,7 @@ def breakdown_rows(peak, budgets: list[str], *, repeats: int = 7) -> list:
         for rho in (1.0, 0.8):
             r = run_subprocess(budget, rho, repeats=repeats)
             ms, flops = r["ms"], r["flops"]
-            tag = f"{budget}@rho={rho}@1thread"
+            tag = f"{budget}@rho={rho}@1core"
             out.append(Row("step_breakdown_ms", f"{tag}@step", ms["step"], "ms", ratio=1.0))
             for c in COMPONENTS:
                 if c in ms:
@@ -186,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", required=True)
     ap.add_argument("--rho", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--core", type=int, default=None,
+                    help="pin this process to that core before JAX starts (default: all cores)")
     a = ap.parse_args(argv)
+    if a.core is not None:
+        if a.core not in os.sched_getaffinity(0):
+            ap.error(f"--core {a.core} is not one of this process's cores "
+                     f"{sorted(os.sched_getaffinity(0))}")
+        os.sched_setaffinity(0, {a.core})
     from engram_jax.allocation import BUDGETS
 
     cpu = sorted(k for k, b in BUDGETS.items() if b.device == "cpu")

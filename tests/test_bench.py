@@ -106,7 +106,9 @@ def test_tiny_bench_with_a_grid_is_consistent_and_keeps_other_runs(tmp_path):
     assert len({r["run"] for r in rows}) == 2
     names = {r["name"] for r in rows}
     assert {"grid_mfu", "grid_model_tflops", "grid_wall_s", "offloaded_tokens_per_s"} <= names
-    assert {r["config"] for r in rows if r["name"] == "grid_mfu"} == {"smoke@2x1cpu", "smoke@1x2cpu"}  # the only budget
+    # smoke, the only budget: both placements, and the grid again with the cache it filled
+    assert {r["config"] for r in rows if r["name"] == "grid_mfu"} == {
+        "smoke@2x1cpu", "smoke@1x2cpu", "smoke@2x1cpu@warm"}
     _consistent(rows)
 
 
@@ -128,9 +130,9 @@ def test_breakdown_part_runs(tmp_path):
     rows = _rows(next(tmp_path.glob("*.csv")))
     ms = {r["config"]: float(r["value"]) for r in rows if r["name"] == "step_breakdown_ms"}
     for rho in ("1.0", "0.8"):
-        tag = f"smoke@rho={rho}@1thread"
+        tag = f"smoke@rho={rho}@1core"
         for c in ("step", "attention", "moe", "head", "optimizer", "other"):
             assert f"{tag}@{c}" in ms, (tag, c)
         assert all(ms[f"{tag}@{c}"] > 0 for c in ("step", "attention", "moe", "head"))
-    assert "smoke@rho=0.8@1thread@engram" in ms and "smoke@rho=1.0@1thread@engram" not in ms
+    assert "smoke@rho=0.8@1core@engram" in ms and "smoke@rho=1.0@1core@engram" not in ms
     _consistent(rows)
