@@ -5,7 +5,7 @@ hybrid from ``allocation.allocate``, same active FLOPs), it measures the train s
 the MoE layer vs a dense FFN with the same useful FLOPs, the Engram gather/scatter vs plain
 take / scatter-add ceilings, the host input pipeline and the real pipeline vs a device-resident
 batch; ``--only offload`` compares host-offloaded Engram tables with device-resident ones, and
-``--only breakdown`` (CPU) splits a single-threaded train step of every CPU budget into its
+``--only breakdown`` (CPU) splits a train step, on one core, of every CPU budget into its
 sublayers and the optimizer update (``bench/breakdown.py``).
 
 Sizes: ``full`` = the GPU presets gpu-s and gpu-m at their budgets' batch sizes (default on a GPU);
