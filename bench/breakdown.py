@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--core", type=int, default=None,
                     help="pin this process to that core before JAX starts (default: all cores)")
     a = ap.parse_args(argv)
-    if a.core is not None:
+    if a.core is not None:  # first, before NumPy or JAX start threads
         if a.core not in os.sched_getaffinity(0):
             ap.error(f"--core {a.core} is not one of this process's cores "
                      f"{sorted(os.sched_getaffinity(0))}")

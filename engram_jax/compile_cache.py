@@ -3,8 +3,8 @@
 A trial compiles its train and evaluation steps and, while building the model, a few dozen small
 eager programs (initialisers, splits). On the 2-core CPU that is several seconds per trial, paid
 again by every seed and every rerun of the same shapes. With the cache on, a program compiled
-once on this machine is read back from disk: a ``cpu-1e12`` trial's model set-up and the
-compilation of its two steps take about 1.4 s instead of 7.5 s (``results/bench/README.md``).
+once on this machine is read back from disk: a quarter-length two-trial ``cpu-1e12`` grid ran in
+39 s with a warm cache and 49 s with an empty one (``results/bench/README.md``).
 The executables are the ones XLA produced, so the numbers a trial computes are unchanged.
 
 The cache is keyed by JAX on the program, the compiler options, the backend and the JAX version,

@@ -2,9 +2,13 @@
 trains to the same loss as the device-resident path at the bench's config."""
 
 import csv
-from pathlib import Path
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from bench.common import COLUMNS
 from bench.run import SIZES, configs, run
 from engram_jax.offload import reference_optimizer
 from tests.test_offload import train_device, train_offload
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _rows(path):
@@ -136,3 +142,29 @@ def test_breakdown_part_runs(tmp_path):
         assert all(ms[f"{tag}@{c}"] > 0 for c in ("step", "attention", "moe", "head"))
     assert "smoke@rho=0.8@1core@engram" in ms and "smoke@rho=1.0@1core@engram" not in ms
     _consistent(rows)
+
+
+def test_profile_attributes_the_traced_ops_to_the_model_parts():
+    """``bench.profile`` on the smoke budget's hybrid: every part of the model shows up with
+    forward and backward time, and the named parts hold most of the traced time (were the scopes
+    lost, everything would land in ``other``)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.profile", "--budget", "smoke", "--rho", "0.8",
+                           "--steps", "2", "--json"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    ms = r["ops_ms"]
+    for part in ("attn_core", "attn_proj", "rope", "router", "moe", "engram", "norm", "head", "loss"):
+        assert ms.get(f"{part}/fwd", 0) > 0 and ms.get(f"{part}/bwd", 0) > 0, part
+    assert ms.get("optimizer/-", 0) > 0
+    assert sum(ms.values()) == pytest.approx(r["ops_ms_total"])
+    assert ms.get("other/fwd", 0) + ms.get("other/bwd", 0) < 0.5 * r["ops_ms_total"]
+    assert r["step_ms"] > 0
+
+
+def test_profile_refuses_bad_input_before_any_work():
+    for args, msg in ((["--budget", "gpu-s"], "CPU budgets"), (["--budget", "smoke", "--rho", "0"], "--rho"),
+                      (["--budget", "smoke", "--core", "999"], "--core 999")):
+        proc = subprocess.run([sys.executable, "-m", "bench.profile", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
