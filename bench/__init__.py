@@ -4,7 +4,8 @@ Files: ``common.py`` (timing, peaks, CSV rows), ``parts.py`` (the measurements o
 train step, attention, MoE vs dense FFN, Engram gather/scatter vs ceilings, input pipeline),
 ``offload.py`` (host-offloaded Engram tables vs device-resident ones), ``grid.py`` (whole CPU
 grids end to end), ``breakdown.py`` (a CPU step's sublayers compiled alone), ``profile.py`` (a
-CPU step's time per model part from XLA's trace), ``run.py`` (sizes, CLI).
+CPU step's time per model part from XLA's trace), ``cli.py`` (their shared arguments), ``run.py``
+(sizes, CLI).
 Method (shared/gpu README): count FLOPs and bytes first, warm up, ``jax.block_until_ready``,
 medians of repeats, inputs passed as jit arguments, never timed on all-zero inputs.
 """

@@ -27,6 +27,8 @@ import os
 import subprocess
 import sys
 
+from bench.cli import add_step_arguments, check_step_arguments
+
 REPO_MODULE = "bench.breakdown"
 
 
@@ -35,13 +37,10 @@ def measure(budget: str, rho: float, *, repeats: int = 7) -> dict:
     threading) and the FLOPs of the matmul components."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
-    from bench.common import timeit
+    from bench.common import budget_step_inputs, timeit
     from bench.parts import _fwd_bwd, _x
-    from engram_jax.allocation import BUDGETS, allocate
-    from engram_jax.config import TrainConfig
     from engram_jax.layers.attention import Attention
     from engram_jax.layers.common import SwiGLU
     from engram_jax.layers.engram import Engram
@@ -49,19 +48,9 @@ def measure(budget: str, rho: float, *, repeats: int = 7) -> dict:
     from engram_jax.model import HybridLM
     from engram_jax.optim import TrainState, cross_entropy, make_optimizer, make_steps
 
-    b = BUDGETS[budget]
-    cfg = allocate(b.base(), rho)
-    tcfg = TrainConfig(**{**b.train_overrides(), "steps": 1000})
+    cfg, tcfg, batch = budget_step_inputs(budget, rho)
     B, T, D, V = tcfg.batch_size, cfg.seq_len, cfg.d_model, cfg.vocab_size
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, V, (B, T + 1)), jnp.int32)
-    hash_ids = {}
-    if cfg.engram is not None:
-        for lid in cfg.engram.layer_ids:
-            sizes = [p for order in cfg.engram.primes()[lid] for p in order]
-            hash_ids[lid] = jnp.asarray(np.stack([rng.integers(0, s, (B, T)) for s in sizes], -1),
-                                        jnp.int32)
-    batch = {"tokens": tokens, "hash_ids": hash_ids}
+    tokens, hash_ids = batch["tokens"], batch["hash_ids"]
 
     model = HybridLM(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -182,24 +171,10 @@ def breakdown_rows(peak, budgets: list[str], *, repeats: int = 7) -> list:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.breakdown", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", required=True)
-    ap.add_argument("--rho", type=float, default=1.0)
+    add_step_arguments(ap)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--core", type=int, default=None,
-                    help="pin this process to that core before JAX starts (default: all cores)")
     a = ap.parse_args(argv)
-    if a.core is not None:  # first, before NumPy or JAX start threads
-        if a.core not in os.sched_getaffinity(0):
-            ap.error(f"--core {a.core} is not one of this process's cores "
-                     f"{sorted(os.sched_getaffinity(0))}")
-        os.sched_setaffinity(0, {a.core})
-    from engram_jax.allocation import BUDGETS
-
-    cpu = sorted(k for k, b in BUDGETS.items() if b.device == "cpu")
-    if a.budget not in cpu:
-        ap.error(f"the breakdown times CPU budgets; got {a.budget!r}, known: {', '.join(cpu)}")
-    if not 0.0 < a.rho <= 1.0:
-        ap.error(f"--rho must be in (0, 1], got {a.rho}")
+    check_step_arguments(ap, a, "the breakdown times CPU budgets")
     print(json.dumps(measure(a.budget, a.rho, repeats=a.repeats)))
     return 0
 

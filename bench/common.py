@@ -159,3 +159,27 @@ def _fmt(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "nan"
     return f"{x:.4g}"
+
+
+def budget_step_inputs(budget: str, rho: float):
+    """``(cfg, tcfg, batch)`` for timing one train step of a budget at ``rho``: the allocated
+    model config, the budget's train config, and a random batch at its batch size and sequence
+    length (tokens uniform over the vocabulary, hash ids uniform within each head's sub-table)."""
+    import numpy as np
+
+    from engram_jax.allocation import BUDGETS, allocate
+    from engram_jax.config import TrainConfig
+
+    b = BUDGETS[budget]
+    cfg = allocate(b.base(), rho)
+    tcfg = TrainConfig(**{**b.train_overrides(), "steps": 1000})
+    B, T, V = tcfg.batch_size, cfg.seq_len, cfg.vocab_size
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, V, (B, T + 1)), jnp.int32)
+    hash_ids = {}
+    if cfg.engram is not None:
+        for lid in cfg.engram.layer_ids:
+            sizes = [p for order in cfg.engram.primes()[lid] for p in order]
+            hash_ids[lid] = jnp.asarray(np.stack([rng.integers(0, s, (B, T)) for s in sizes], -1),
+                                        jnp.int32)
+    return cfg, tcfg, {"tokens": tokens, "hash_ids": hash_ids}

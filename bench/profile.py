@@ -30,6 +30,8 @@ import re
 import sys
 import tempfile
 
+from bench.cli import add_step_arguments, check_step_arguments
+
 # (module path, attribute, scope): the calls wrapped in a named scope while profiling.
 SCOPES = (
     ("engram_jax.layers.attention", "rope", "rope"),
@@ -83,27 +85,13 @@ def profile(budget: str, rho: float, *, steps: int = 10) -> dict:
     _install_scopes()
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
-    from bench.common import timeit
-    from engram_jax.allocation import BUDGETS, allocate
-    from engram_jax.config import TrainConfig
+    from bench.common import budget_step_inputs, timeit
     from engram_jax.model import HybridLM
     from engram_jax.optim import TrainState, make_optimizer, make_steps
 
-    b = BUDGETS[budget]
-    cfg = allocate(b.base(), rho)
-    tcfg = TrainConfig(**{**b.train_overrides(), "steps": 1000})
-    B, T, V = tcfg.batch_size, cfg.seq_len, cfg.vocab_size
-    rng = np.random.default_rng(0)
-    hash_ids = {}
-    if cfg.engram is not None:
-        for lid in cfg.engram.layer_ids:
-            sizes = [p for order in cfg.engram.primes()[lid] for p in order]
-            hash_ids[lid] = jnp.asarray(np.stack([rng.integers(0, s, (B, T)) for s in sizes], -1),
-                                        jnp.int32)
-    batch = {"tokens": jnp.asarray(rng.integers(0, V, (B, T + 1)), jnp.int32), "hash_ids": hash_ids}
+    cfg, tcfg, batch = budget_step_inputs(budget, rho)
     model = HybridLM(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(tcfg)
@@ -154,28 +142,13 @@ def profile(budget: str, rho: float, *, steps: int = 10) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", required=True)
-    ap.add_argument("--rho", type=float, default=1.0)
+    add_step_arguments(ap)
     ap.add_argument("--steps", type=int, default=10, help="steps traced (default 10)")
-    ap.add_argument("--core", type=int, default=None,
-                    help="pin this process to that core before JAX starts (default: all cores)")
     ap.add_argument("--top", type=int, default=0, metavar="N",
                     help=f"also list the N costliest HLO op names (summed over their instances; at most {TOP_OPS})")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON")
     a = ap.parse_args(argv)
-    if a.core is not None:  # first, before NumPy or JAX start threads
-        if a.core not in os.sched_getaffinity(0):
-            ap.error(f"--core {a.core} is not one of this process's cores "
-                     f"{sorted(os.sched_getaffinity(0))}")
-        os.sched_setaffinity(0, {a.core})
-    from engram_jax.allocation import BUDGETS
-
-    cpu = sorted(k for k, b in BUDGETS.items() if b.device == "cpu")
-    if a.budget not in cpu:
-        ap.error(f"the profile reads XLA's CPU trace; got budget {a.budget!r}, CPU budgets: "
-                 f"{', '.join(cpu)}")
-    if not 0.0 < a.rho <= 1.0:
-        ap.error(f"--rho must be in (0, 1], got {a.rho}")
+    check_step_arguments(ap, a, "the profile reads XLA's CPU trace")
     if a.steps < 1:
         ap.error(f"--steps must be >= 1, got {a.steps}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

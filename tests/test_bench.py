@@ -162,9 +162,10 @@ def test_profile_attributes_the_traced_ops_to_the_model_parts():
     assert r["step_ms"] > 0
 
 
-def test_profile_refuses_bad_input_before_any_work():
-    for args, msg in ((["--budget", "gpu-s"], "CPU budgets"), (["--budget", "smoke", "--rho", "0"], "--rho"),
+@pytest.mark.parametrize("tool", ["bench.breakdown", "bench.profile"])
+def test_step_tools_refuse_bad_input_before_any_work(tool):
+    for args, msg in ((["--budget", "gpu-s"], "CPU budgets"), (["--budget", "smoke", "--rho", "1.5"], "--rho"),
                       (["--budget", "smoke", "--core", "999"], "--core 999")):
-        proc = subprocess.run([sys.executable, "-m", "bench.profile", *args], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", tool, *args], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)

@@ -1,0 +1,35 @@
+"""Argument checks shared by the per-step CPU tools (``bench.breakdown``, ``bench.profile``).
+
+Nothing here imports NumPy or JAX at module level: ``pin_to_core`` must run before either starts
+its threads, which then inherit the pinning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_step_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--budget``, ``--rho`` and ``--core``."""
+    ap.add_argument("--budget", required=True, help="a CPU budget (engram_jax.allocation.BUDGETS)")
+    ap.add_argument("--rho", type=float, default=1.0)
+    ap.add_argument("--core", type=int, default=None,
+                    help="pin this process to that core before JAX starts (default: all cores)")
+
+
+def check_step_arguments(ap: argparse.ArgumentParser, a: argparse.Namespace, what: str) -> None:
+    """Pin to ``--core`` first, then check ``--budget`` (a CPU budget) and ``--rho``; a bad value
+    exits with status 2 before any work. ``what`` says why only CPU budgets are accepted."""
+    if a.core is not None:
+        if a.core not in os.sched_getaffinity(0):
+            ap.error(f"--core {a.core} is not one of this process's cores "
+                     f"{sorted(os.sched_getaffinity(0))}")
+        os.sched_setaffinity(0, {a.core})
+    from engram_jax.allocation import BUDGETS
+
+    cpu = sorted(k for k, b in BUDGETS.items() if b.device == "cpu")
+    if a.budget not in cpu:
+        ap.error(f"{what}; got budget {a.budget!r}, CPU budgets: {', '.join(cpu)}")
+    if not 0.0 < a.rho <= 1.0:
+        ap.error(f"--rho must be in (0, 1], got {a.rho}")
