@@ -1,7 +1,7 @@
 """Argument checks shared by the per-step CPU tools (``bench.breakdown``, ``bench.profile``).
 
-Nothing here imports NumPy or JAX at module level: ``pin_to_core`` must run before either starts
-its threads, which then inherit the pinning.
+Nothing here imports NumPy or JAX at module level: ``check_step_arguments`` pins the process to
+``--core`` before either starts its threads, which then inherit the pinning.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ once on this machine is read back from disk: a quarter-length two-trial ``cpu-1e
 The executables are the ones XLA produced, so the numbers a trial computes are unchanged.
 
 The cache is keyed by JAX on the program, the compiler options, the backend and the JAX version,
-so a directory may be shared by every grid and by both JAX versions of a machine. Its default is
+so a directory may be shared by every grid and by every JAX version installed on a machine. Its default is
 ``$ENGRAM_JAX_COMPILE_CACHE`` or else ``$XDG_CACHE_HOME/engram-jax/xla`` (``~/.cache/...``),
 resolved on the machine that runs the trial (a cluster's workers each keep their own).
 """
@@ -38,6 +38,22 @@ def resolve(setting: str | None) -> Path | None:
     if setting == OFF:
         return None
     return Path(setting).expanduser()
+
+
+def check(setting: str | None) -> None:
+    """Raise ValueError if an explicit directory (not "default" or "off") cannot hold the cache;
+    called before any work starts. Creates the directory if it is missing."""
+    if setting in (None, DEFAULT, OFF):
+        return
+    p = Path(setting).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--compile-cache {setting}: not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--compile-cache {setting}: cannot create it ({e})") from None
+    if not os.access(p, os.W_OK):
+        raise ValueError(f"--compile-cache {setting}: not writable")
 
 
 def enable(setting: str | None) -> Path | None:

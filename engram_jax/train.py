@@ -366,9 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         from engram_jax.data import resolve_corpus
 
         resolve_corpus(a.corpus)  # a missing or empty corpus fails here, before any work
-        out = Path(a.out or f"runs/{a.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         from engram_jax import compile_cache
 
+        compile_cache.check(a.compile_cache)  # so does an unusable cache directory
+        out = Path(a.out or f"runs/{a.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         compile_cache.enable(a.compile_cache)
         rec = run_trial(cfg, tcfg, corpus=a.corpus, out_dir=out, progress=not a.no_progress,
                         meta={"preset": a.preset, "rho": a.rho})

@@ -186,17 +186,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_compile_cache(setting: str) -> None:
     """An explicit ``--compile-cache`` directory must be usable before any trial starts."""
-    if setting in ("default", "off"):
-        return
-    p = Path(setting).expanduser()
-    if p.exists() and not p.is_dir():
-        raise GridError(f"--compile-cache {setting}: not a directory")
+    from engram_jax import compile_cache
+
     try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GridError(f"--compile-cache {setting}: cannot create it ({e})") from None
-    if not os.access(p, os.W_OK):
-        raise GridError(f"--compile-cache {setting}: not writable")
+        compile_cache.check(setting)
+    except ValueError as e:
+        raise GridError(str(e)) from None
 
 
 def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict], a) -> int:

@@ -74,3 +74,20 @@ def test_a_cached_program_computes_what_a_fresh_compilation_computes(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new was compiled
     assert first == second and first["cache"] == str(cache)
     assert first["losses"] == fresh["losses"] and first["checksum"] == fresh["checksum"]
+
+
+def test_an_unusable_directory_is_refused_before_any_work(tmp_path, capsys):
+    from engram_jax.train import main
+
+    not_a_dir = tmp_path / "cache-file"
+    not_a_dir.write_text("x")
+    compile_cache.check("off")
+    compile_cache.check("default")
+    compile_cache.check(str(tmp_path / "new" / "dir"))  # created
+    assert (tmp_path / "new" / "dir").is_dir()
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--steps", "1", "--out", str(out),
+                 "--compile-cache", str(not_a_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --compile-cache" in err and "not a directory" in err
+    assert not out.exists() and not_a_dir.read_text() == "x"

@@ -52,8 +52,8 @@ def causal_attention_heads_major(q_BxTxNxH: jax.Array, k_BxSxNxH: jax.Array,
     in front of the positions ([B, N, T, H]) before the two batched matmuls, and the softmax's
     division applied to the [B, N, T, H] output instead of the [B, N, T, T] probabilities.
 
-    Same mathematics (scale 1/sqrt(H), applied to q, causal mask, softmax in float32), other float rounding:
-    o = (exp(s - m) @ v) / sum(exp(s - m)) with m the row maximum (held constant under the
+    Same mathematics (scale 1/sqrt(H), applied to q, causal mask, softmax in float32), other
+    float rounding: o = (exp(s - m) @ v) / sum(exp(s - m)) with m the row maximum (held constant under the
     gradient, which does not change it: the softmax is invariant to the shift) and the causal
     mask an additive -1e30 ([T, T], broadcast inside the fusion). On the CPU, at the ladder's
     head sizes (12 to 18), XLA runs the batched matmuls of this layout much faster than those of
