@@ -13,7 +13,9 @@ Placement is measured on the smallest ladder budget (``cpu-1e12``) both ways: tw
 side with one CPU each (``resources: {cpu: 1}``, the shipped grids) and one trial at a time with
 both (``{cpu: 2}``). Every grid starts with an empty compilation cache of its own (shared by its
 trials); on that budget the two-trial grid is run once more with the cache its first run filled
-(config ``...@warm``), as a rerun, a new seed or a continued campaign on the same machine finds it.
+(config ``...@warm``), as a rerun, a new seed or a continued campaign on the same machine finds it,
+and once with glibc's default malloc settings instead of the trials' (``...@glibc-default``,
+``engram_jax.host_malloc``), with an empty cache of its own.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def cpu_budgets() -> list[str]:
 
 def run_grid(budget: str, *, placement: str, steps_fraction: float, workdir: Path,
              corpus: str | None = None, compile_cache: Path | None = None,
-             suffix: str = "") -> dict:
+             suffix: str = "", host_malloc: str = "tuned") -> dict:
     """Run the two-trial grid of ``budget`` and return its timing and rows.
 
     Args:
@@ -58,6 +60,7 @@ def run_grid(budget: str, *, placement: str, steps_fraction: float, workdir: Pat
       corpus: override the budget's corpus (tests use a small one).
       compile_cache: the trials' compilation cache (default: a new one per grid).
       suffix: appended to the grid's name (a second run of the same grid).
+      host_malloc: the trials' malloc settings (``sweeps.run --host-malloc``).
 
     Returns:
       {"wall_s", "rows": runs.csv rows, "flops": training FLOPs of the grid}.
@@ -78,7 +81,7 @@ def run_grid(budget: str, *, placement: str, steps_fraction: float, workdir: Pat
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     cache = compile_cache or workdir / f"xla-{name}"
     cmd = [sys.executable, "-m", "sweeps.run", str(path), "--results", str(workdir / "results"),
-           "--num-cpus", "2", "--compile-cache", str(cache)]
+           "--num-cpus", "2", "--compile-cache", str(cache), "--host-malloc", host_malloc]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -104,13 +107,16 @@ def grid_rows(peak: Peak, *, budgets: list[str] | None = None, steps_fraction: f
         # Placement is compared on the smallest ladder budget: smoke's grid is mostly start-up.
         both = PLACEMENT_BUDGET if PLACEMENT_BUDGET in budgets else budgets[0]
         for budget in budgets:
-            runs = [("2x1", ""), ("1x2", ""), ("2x1", "@warm")] if budget == both else [("2x1", "")]
-            for placement, warm in runs:
-                tag = f"{budget}@{placement}cpu{warm}"
-                cache = work / f"xla-{budget}-{placement}"  # @warm: the cache its first run filled
+            runs = ([("2x1", ""), ("1x2", ""), ("2x1", "@warm"), ("2x1", "@glibc-default")]
+                    if budget == both else [("2x1", "")])
+            for placement, variant in runs:
+                tag = f"{budget}@{placement}cpu{variant}"
+                # @warm: the cache its first run filled; @glibc-default: a cache of its own.
+                cache = work / f"xla-{budget}-{placement}{variant.replace('@warm', '')}"
                 g = run_grid(budget, placement=placement, steps_fraction=steps_fraction,
                              workdir=work, corpus=corpus, compile_cache=cache,
-                             suffix=warm.replace("@", "-"))
+                             suffix=variant.replace("@", "-"),
+                             host_malloc="default" if variant == "@glibc-default" else "tuned")
                 fps = g["flops"] / g["wall_s"]
                 mfu = fps / peak.flops
                 bound = MFU_TARGET_LARGEST if budget == largest else MFU_TARGET_OTHERS

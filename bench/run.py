@@ -28,6 +28,7 @@ import jax
 
 from bench.common import Results, Row, reference_peak, target_row
 from bench.parts import Timing, attention_rows, engram_rows, moe_rows, pipeline_rows, train_rows
+from engram_jax import host_malloc
 from engram_jax.allocation import BUDGETS, allocate
 from engram_jax.config import TrainConfig, preset
 
@@ -152,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=PARTS, help="run one part (offload and breakdown run only when named)")
     ap.add_argument("--corpus", help="override the size's corpus (pystdlib | pysrc | a path)")
     a = ap.parse_args(argv)
+    try:  # the trials' malloc settings, before JAX starts its threads
+        host_malloc.apply_in_process()
+    except ValueError as e:  # a bad $ENGRAM_JAX_HOST_MALLOC
+        ap.error(str(e))
     size = a.size or ("small" if jax.default_backend() == "cpu" else "full")
     res = run(size, a.only, Path(a.out), a.corpus)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), size {size}")

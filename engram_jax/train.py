@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from engram_jax import host_malloc
 from engram_jax.config import ModelConfig, TrainConfig, preset, train_dict
 from engram_jax.counting import flops_per_token, flops_per_token_6n
 
@@ -350,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-cache", default="default", metavar="DIR|default|off",
                     help="JAX's persistent compilation cache (default: $ENGRAM_JAX_COMPILE_CACHE "
                          "or ~/.cache/engram-jax/xla; off: none)")
+    ap.add_argument("--host-malloc", choices=host_malloc.SETTINGS, default=None,
+                    help="glibc malloc settings (engram_jax.host_malloc): tuned keeps XLA's per-step "
+                         "buffer instead of unmapping it (default: $ENGRAM_JAX_HOST_MALLOC or tuned)")
     a = ap.parse_args(argv)
     try:
+        host_malloc.apply_in_process(a.host_malloc)  # before JAX starts its threads
         cfg = preset(a.preset)
         model_o, train_o = parse_sets(a.sets)
         if a.rho is not None:

@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="JAX's persistent compilation cache for the trials (default: "
                          "$ENGRAM_JAX_COMPILE_CACHE or ~/.cache/engram-jax/xla on the machine "
                          "that runs each trial; off: none)")
+    ap.add_argument("--host-malloc", choices=("tuned", "default"), default=None,
+                    help="glibc malloc settings of the trials' processes (engram_jax.host_malloc): "
+                         "tuned keeps XLA's per-step buffer instead of unmapping it every step "
+                         "(default: $ENGRAM_JAX_HOST_MALLOC or tuned)")
     ap.add_argument("--max-failures", type=int, default=3,
                     help="restarts of a trial after a lost node or worker (default: 3)")
     a = ap.parse_args(argv)
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid = load_grid(a.grid)
         _check_compile_cache(a.compile_cache)
+        _check_host_malloc(a)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -184,6 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     return _run(grid, out, pending, kept, a)
 
 
+def _check_host_malloc(a) -> None:
+    """Resolve ``a.host_malloc`` (the flag, else ``$ENGRAM_JAX_HOST_MALLOC``, else tuned)."""
+    from engram_jax import host_malloc
+
+    try:
+        a.host_malloc = host_malloc.setting(a.host_malloc)
+    except ValueError as e:
+        raise GridError(str(e)) from None
+
+
 def _check_compile_cache(setting: str) -> None:
     """An explicit ``--compile-cache`` directory must be usable before any trial starts."""
     from engram_jax import compile_cache
@@ -204,7 +219,10 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
     from sweeps.progress import Progress, RowWriter
 
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    from engram_jax import host_malloc
+
+    # glibc reads GLIBC_TUNABLES when a worker process starts: Ray sets these before it does.
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **host_malloc.worker_env(a.host_malloc)}}
     storage = a.storage
     if os.environ.get("RAY_ADDRESS"):
         if storage.local and a.storage_default:
@@ -235,6 +253,7 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
             c["platform"] = platform
             c["cpus"] = res["cpu"]
             c["compile_cache"] = a.compile_cache
+            c["host_malloc"] = a.host_malloc
             if c["trial_id"] in resume:
                 c["resume_from"] = resume[c["trial_id"]]
         writer = RowWriter(grid, out, kept, ray.__version__)
