@@ -8,6 +8,7 @@ RESULTS ?= results
 FORCE   ?= 0
 STORAGE ?=
 COMPILE_CACHE ?=
+HOST_MALLOC ?=
 PYTEST_ARGS ?=
 # Which JAX build `make setup` installs: cuda when nvidia-smi lists a GPU, else cpu; ACCEL=cpu,
 # cuda or tpu overrides. The version range is the one pyproject.toml admits.
@@ -42,7 +43,7 @@ test-all: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 sweep: $(STAMP)
-	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,) $(if $(STORAGE),--storage $(STORAGE),) $(if $(COMPILE_CACHE),--compile-cache $(COMPILE_CACHE),)
+	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,) $(if $(STORAGE),--storage $(STORAGE),) $(if $(COMPILE_CACHE),--compile-cache $(COMPILE_CACHE),) $(if $(HOST_MALLOC),--host-malloc $(HOST_MALLOC),)
 
 fit: $(STAMP)
 	$(VPY) -m analysis fit $(RESULTS)/$(notdir $(basename $(GRID)))
