@@ -10,7 +10,9 @@ Dispatch uses capacity buffers [E, C, D] and batched einsums (C = ceil(cf * S * 
 expert, overflow dropped), the baseline known to train on an H100 (``ragged_dot``'s backward ran
 out of memory there). Slots are filled in time-major order (position t of every sequence before
 position t + 1), so whether a token is dropped depends only on tokens at the same or earlier
-positions: capacity drops cannot leak information from the future.
+positions: capacity drops cannot leak information from the future. Dispatch and combine are row
+gathers whose gradients are gathers too (``take_rows``), not the scatter-adds that autodiff of a
+gather gives.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from engram_jax.config import MoEConfig
@@ -27,6 +30,34 @@ from engram_jax.layers.common import SwiGLU, normal
 
 class RouterBias(nnx.Variable):
     """Per-expert routing bias, updated outside the gradient."""
+
+
+@jax.custom_vjp
+def take_rows(x_NxD: jax.Array, idx_M: jax.Array, inv_NxR: jax.Array) -> jax.Array:
+    """Rows ``idx_M`` of x with a zero row appended (index N reads zeros): [M, D].
+
+    ``inv_NxR`` is the gather's inverse: for each row n of x, the R positions m with
+    ``idx_M[m] == n``, padded with M (every row is read at most R times). The gradient is then
+    ``dx[n] = sum_r dy[inv[n, r]]``, a gather, where autodiff of the forward gather would give a
+    scatter-add, which XLA's CPU backend runs serially. It adds the same terms (for R <= 2 in the
+    same result bit for bit, addition being commutative; for more, in another order).
+    """
+    return jnp.concatenate([x_NxD, jnp.zeros((1, x_NxD.shape[1]), x_NxD.dtype)])[idx_M]
+
+
+def _take_rows_fwd(x_NxD, idx_M, inv_NxR):
+    return take_rows(x_NxD, idx_M, inv_NxR), (idx_M, inv_NxR)
+
+
+def _take_rows_bwd(res, dy_MxD):
+    idx_M, inv_NxR = res
+    dy_pad = jnp.concatenate([dy_MxD, jnp.zeros((1, dy_MxD.shape[1]), dy_MxD.dtype)])
+    dx_NxD = jnp.sum(dy_pad[inv_NxR], axis=1)
+    f0 = jax.dtypes.float0  # integer inputs have no cotangent
+    return dx_NxD, np.zeros(idx_M.shape, f0), np.zeros(inv_NxR.shape, f0)
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def capacity(moe: MoEConfig, tokens: int) -> int:
@@ -85,19 +116,22 @@ class MoE(nnx.Module):
         pos_A = jnp.sum((jnp.cumsum(onehot_AxE, axis=0) - 1) * onehot_AxE, axis=-1)
         keep_A = pos_A < C
         slot_A = jnp.where(keep_A, e_A * C + pos_A, E * C)  # E*C: the overflow slot
+        A = S * K
+        # Which assignment fills each slot (A: none), and so which token (S: an all-zero row).
+        slot_asg = jnp.full((E * C + 1,), A, jnp.int32).at[slot_A].set(
+            jnp.arange(A, dtype=jnp.int32))[: E * C]
         tok_A = tbk(jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[:, None], (S, K)))
-        # Which token fills each slot (S = an all-zero row for empty slots): a gather, not a scatter.
-        slot_tok = jnp.full((E * C + 1,), S, jnp.int32).at[slot_A].set(tok_A)[: E * C]
-        x_pad = jnp.concatenate([x_SxD, jnp.zeros((1, D), dt)], axis=0)
-        buf_ExCxD = x_pad[slot_tok].reshape(E, C, D)
+        slot_tok = jnp.concatenate([tok_A, jnp.array([S], jnp.int32)])[slot_asg]
+        slot_SxK = jnp.swapaxes(slot_A.reshape(T, B, K), 0, 1).reshape(S, K)  # back to (b, t, k)
+        buf_ExCxD = take_rows(x_SxD, slot_tok, slot_SxK).reshape(E, C, D)
 
         g = jnp.einsum("ecd,edf->ecf", buf_ExCxD, self.w_gate[...].astype(dt))
         u = jnp.einsum("ecd,edf->ecf", buf_ExCxD, self.w_up[...].astype(dt))
         out_ExCxD = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, self.w_down[...].astype(dt))
 
-        out_pad = jnp.concatenate([out_ExCxD.reshape(E * C, D), jnp.zeros((1, D), dt)], axis=0)
         w_A = (tbk(gates_SxK) * keep_A).astype(dt)
-        y_TxBxKxD = (out_pad[slot_A] * w_A[:, None]).reshape(T, B, K, D)
+        out_AxD = take_rows(out_ExCxD.reshape(E * C, D), slot_A, slot_asg[:, None])
+        y_TxBxKxD = (out_AxD * w_A[:, None]).reshape(T, B, K, D)
         y_SxD = jnp.swapaxes(jnp.sum(y_TxBxKxD, axis=2), 0, 1).reshape(S, D)
         y_BxTxD = y_SxD.reshape(B, T, D)
         if self.shared is not None:
