@@ -33,7 +33,7 @@ def check_step_arguments(ap: argparse.ArgumentParser, a: argparse.Namespace, wha
     from engram_jax import host_malloc
 
     try:
-        host_malloc.apply_in_process(a.host_malloc)
+        host_malloc.apply_in_process(a.host_malloc, "cpu")  # these tools time CPU steps
     except ValueError as e:  # a bad $ENGRAM_JAX_HOST_MALLOC
         ap.error(str(e))
     from engram_jax.allocation import BUDGETS

@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                          "$ENGRAM_JAX_COMPILE_CACHE or ~/.cache/engram-jax/xla on the machine "
                          "that runs each trial; off: none)")
     ap.add_argument("--host-malloc", choices=("tuned", "default"), default=None,
-                    help="glibc malloc settings of the trials' processes (engram_jax.host_malloc): "
-                         "tuned keeps XLA's per-step buffer instead of unmapping it every step "
-                         "(default: $ENGRAM_JAX_HOST_MALLOC or tuned)")
+                    help="glibc malloc settings of CPU trials (engram_jax.host_malloc): tuned "
+                         "keeps XLA's per-step buffer instead of unmapping it every step; a grid "
+                         "that may use an accelerator gets glibc's defaults (default: "
+                         "$ENGRAM_JAX_HOST_MALLOC or tuned)")
     ap.add_argument("--max-failures", type=int, default=3,
                     help="restarts of a trial after a lost node or worker (default: 3)")
     a = ap.parse_args(argv)
@@ -221,8 +222,12 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     from engram_jax import host_malloc
 
-    # glibc reads GLIBC_TUNABLES when a worker process starts: Ray sets these before it does.
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **host_malloc.worker_env(a.host_malloc)}}
+    # glibc reads GLIBC_TUNABLES when a worker process starts: Ray sets these before it does. The
+    # tuned settings are for CPU trials: a grid that asks for no accelerator (not "auto").
+    res = grid.resources
+    cpu_grid = res != "auto" and not res.get("gpu", 0) and not res.get("tpu", 0)
+    malloc_env = host_malloc.worker_env(a.host_malloc, "cpu" if cpu_grid else "accelerator")
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **malloc_env}}
     storage = a.storage
     if os.environ.get("RAY_ADDRESS"):
         if storage.local and a.storage_default:
@@ -253,7 +258,6 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
             c["platform"] = platform
             c["cpus"] = res["cpu"]
             c["compile_cache"] = a.compile_cache
-            c["host_malloc"] = a.host_malloc
             if c["trial_id"] in resume:
                 c["resume_from"] = resume[c["trial_id"]]
         writer = RowWriter(grid, out, kept, ray.__version__)

@@ -74,16 +74,12 @@ def unpack_checkpoint(checkpoint, out_dir: Path) -> dict:
 def train_trial(config: dict) -> None:
     """Tune function trainable. ``config["trial"]`` is a ``spec_to_config`` dict plus platform
     ("cpu", "cuda" or "tpu"), cpus, ``compile_cache`` (``engram_jax.compile_cache`` setting:
-    "default", "off" or a directory; resolved on this machine), ``host_malloc``
-    (``engram_jax.host_malloc`` setting) and ``resume_from`` (a checkpoint path or URI, or
-    absent)."""
+    "default", "off" or a directory; resolved on this machine) and ``resume_from`` (a checkpoint
+    path or URI, or absent). The worker's malloc settings (``engram_jax.host_malloc``) came with
+    its environment (``sweeps.run``'s ``runtime_env``)."""
     t = config["trial"]
     os.environ["JAX_PLATFORMS"] = t["platform"]
-    from engram_jax import compile_cache, host_malloc
-
-    # The worker started with GLIBC_TUNABLES (sweeps.run's runtime_env); this covers a worker
-    # that did not (the same values, effective if JAX has not started its threads yet).
-    host_malloc.apply_in_process(t.get("host_malloc", host_malloc.TUNED))
+    from engram_jax import compile_cache
 
     compile_cache.enable(t.get("compile_cache", compile_cache.DEFAULT))
     logging.getLogger("ray").setLevel(logging.WARNING)  # no line per saved Tune checkpoint

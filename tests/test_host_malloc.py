@@ -1,6 +1,6 @@
 """engram_jax.host_malloc: the tuned glibc settings stop XLA's per-call buffer from being mapped and
 faulted in afresh by every call, both ways in (GLIBC_TUNABLES at start-up, mallopt in process);
-bad settings are refused before any work."""
+they are for CPU training only; bad settings are refused before any work."""
 
 import json
 import os
@@ -65,6 +65,17 @@ def test_settings_and_environment(monkeypatch):
     monkeypatch.setenv("ENGRAM_JAX_HOST_MALLOC", "default")
     assert host_malloc.setting() == "default" and host_malloc.setting("tuned") == "tuned"
     assert host_malloc.worker_env() == {} and host_malloc.apply_in_process() is False
+    monkeypatch.delenv("ENGRAM_JAX_HOST_MALLOC")
+    # Only for CPU training: a process or grid that may use an accelerator keeps glibc's defaults.
+    assert host_malloc.worker_env("tuned", "accelerator") == {}
+    assert host_malloc.apply_in_process("tuned", "cuda") is False
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert host_malloc.local_platform() == "cuda"
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_malloc.local_platform() == "cpu"
+    if host_malloc.is_glibc():
+        assert set(host_malloc.worker_env("tuned", "cpu")) == {"GLIBC_TUNABLES", "ENGRAM_JAX_HOST_MALLOC"}
+    monkeypatch.setenv("ENGRAM_JAX_HOST_MALLOC", "default")
     monkeypatch.setenv("ENGRAM_JAX_HOST_MALLOC", "fast")
     with pytest.raises(ValueError, match="'fast': expected one of tuned, default"):
         host_malloc.setting()
