@@ -26,7 +26,7 @@ from flax import nnx
 from engram_jax.config import ModelConfig
 from engram_jax.hashing import NgramHasher
 from engram_jax.layers.attention import Attention
-from engram_jax.layers.common import RMSNorm, SwiGLU, normal
+from engram_jax.layers.common import RMSNorm, SwiGLU, normal, project
 from engram_jax.layers.engram import Engram
 from engram_jax.layers.engram_branches import MultiBranchEngram
 from engram_jax.layers.hyperconn import HyperConnection, collapse, expand
@@ -130,7 +130,7 @@ class HybridLM(nnx.Module):
             h = collapse(h)
         h = self.final_norm(h)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", h, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = project(h, head.astype(dt), preferred_element_type=jnp.float32)  # btd,dv->btv
         aux = {
             "load": jnp.stack(loads) if loads else jnp.zeros((0,), jnp.float32),
             "aux_loss": jnp.mean(jnp.stack(auxes)) if auxes else jnp.float32(0.0),

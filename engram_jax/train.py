@@ -107,6 +107,8 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
         print(f"WARNING: this trial saw its training split {record['epochs']:.2f} times; hashed "
               "n-gram tables can memorise a corpus seen many times", file=sys.stderr)
     _atomic_write(out / "record.json", json.dumps(record, indent=1))
+    del run  # the model, optimizer state and data: give their memory back (host_malloc)
+    host_malloc.release()
     return record
 
 
@@ -352,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="JAX's persistent compilation cache (default: $ENGRAM_JAX_COMPILE_CACHE "
                          "or ~/.cache/engram-jax/xla; off: none)")
     ap.add_argument("--host-malloc", choices=host_malloc.SETTINGS, default=None,
-                    help="glibc malloc settings (engram_jax.host_malloc): tuned keeps XLA's per-step "
-                         "buffer instead of unmapping it (default: $ENGRAM_JAX_HOST_MALLOC or tuned)")
+                    help="glibc malloc settings when JAX runs on the CPU (engram_jax.host_malloc): "
+                         "tuned keeps XLA's per-step buffer instead of unmapping it every step "
+                         "(default: $ENGRAM_JAX_HOST_MALLOC or tuned)")
     a = ap.parse_args(argv)
     try:
         host_malloc.apply_in_process(a.host_malloc)  # before JAX starts its threads

@@ -1,7 +1,8 @@
 """Hyper-connections (``hc_mult = M > 1``) and the multi-branch Engram in the model.
 
 - ``hc_mult = 1`` is today's model exactly: a frozen copy of the model as it was before
-  hyper-connections (``FrozenLM`` below: commit 5c82109's ``model.py``) traces to the same jaxpr
+  hyper-connections (``FrozenLM`` below: commit 5c82109's ``model.py``, its head through
+  ``layers.common.project`` as the layers' projections are) traces to the same jaxpr
   and gives bit-identical parameters, logits and gradients; the counts are frozen values.
 - Exact counts (live == ``param_counts()['total']``) for M in {1, 2, 4}, both gate modes.
 - ``HyperConnection`` against a float64 numpy restatement of Zhu et al.'s Appendix J algorithm.
@@ -28,7 +29,7 @@ from engram_jax.allocation import allocate
 from engram_jax.config import EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig, preset
 from engram_jax.counting import engram_dense_params, flops_per_token
 from engram_jax.layers.attention import Attention
-from engram_jax.layers.common import RMSNorm, SwiGLU, normal
+from engram_jax.layers.common import RMSNorm, SwiGLU, normal, project
 from engram_jax.layers.engram import Engram
 from engram_jax.layers.hyperconn import HyperConnection
 from engram_jax.layers.moe import MoE
@@ -105,7 +106,9 @@ class FrozenLM(nnx.Module):
                 auxes.append(aux)
         h = self.final_norm(h)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        out = jnp.einsum("btd,dv->btv", h, head.astype(dt), preferred_element_type=jnp.float32)
+        # The head as the model computes it now (layers.common.project: the same product, its
+        # weight gradient computed differently on the CPU), like the layers this copy reuses.
+        out = project(h, head.astype(dt), preferred_element_type=jnp.float32)
         aux = {
             "load": jnp.stack(loads) if loads else jnp.zeros((0,), jnp.float32),
             "aux_loss": jnp.mean(jnp.stack(auxes)) if auxes else jnp.float32(0.0),

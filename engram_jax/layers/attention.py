@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from engram_jax.layers.common import normal
+from engram_jax.layers.common import normal, project
 
 
 def rope(x_BxTxNxH: jax.Array, theta: float) -> jax.Array:
@@ -36,14 +36,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         dt = x_BxTxD.dtype
-        q = rope(jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wq[...].astype(dt)), self.rope_theta)
-        k = rope(jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wk[...].astype(dt)), self.rope_theta)
-        v = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wv[...].astype(dt))
+        q = rope(project(x_BxTxD, self.wq[...].astype(dt)), self.rope_theta)  # btd,dnh->btnh
+        k = rope(project(x_BxTxD, self.wk[...].astype(dt)), self.rope_theta)
+        v = project(x_BxTxD, self.wv[...].astype(dt))
         if jax.default_backend() == "cpu":
             o_BxTxNxH = causal_attention_heads_major(q, k, v)
         else:
             o_BxTxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return jnp.einsum("btnh,nhd->btd", o_BxTxNxH, self.wo[...].astype(dt))
+        return project(o_BxTxNxH, self.wo[...].astype(dt), 2)  # btnh,nhd->btd
 
 
 def causal_attention_heads_major(q_BxTxNxH: jax.Array, k_BxSxNxH: jax.Array,

@@ -2,9 +2,63 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+@jax.custom_vjp
+def _project_cpu(x_SxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+    """x @ w, with or without a leading group axis on both ([G, S, I] @ [G, I, O])."""
+    return x_SxI @ w_IxO
+
+
+def _project_cpu_fwd(x_SxI, w_IxO):
+    return x_SxI @ w_IxO, (x_SxI, w_IxO)
+
+
+def _project_cpu_bwd(res, dy_SxO):
+    x_SxI, w_IxO = res
+    # The weight gradient contracts over the tokens, the major axis of both operands. Left to
+    # itself XLA's CPU backend transposes the (larger) output gradient and runs a dot with both
+    # operands transposed, two to three times slower than this: x transposed into an [I, S] copy,
+    # then a plain [I, S] @ [S, O] matmul.
+    t = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
+    return dy_SxO @ t(w_IxO), t(x_SxI) @ dy_SxO
+
+
+_project_cpu.defvjp(_project_cpu_fwd, _project_cpu_bwd)
+
+
+def project(x: jax.Array, w: jax.Array, n_in: int = 1, *,
+            preferred_element_type=None) -> jax.Array:
+    """Contract the last ``n_in`` axes of ``x`` with the first ``n_in`` of ``w``
+    (``einsum("btd,dnh->btnh")`` for n_in 1, ``"btnh,nhd->btd"`` for 2).
+
+    The same product as the einsum, and on every backend but the CPU the einsum itself. On the
+    CPU with float32 operands its weight gradient is computed as ``x^T @ dy`` with ``x^T``
+    materialised (``_project_cpu``), which XLA runs faster there than the layouts it picks for the
+    einsum's transpose; the numbers are those of the einsum up to float rounding in the weight
+    gradient."""
+    lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:]
+    if w.shape[:n_in] != inner:
+        raise ValueError(f"project: x's last axes {inner} do not match w's first {w.shape[:n_in]}")
+    out = w.shape[n_in:]
+    if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return jnp.tensordot(x, w, axes=n_in, preferred_element_type=preferred_element_type)
+    n_i = math.prod(inner)
+    y = _project_cpu(x.reshape(-1, n_i), w.reshape(n_i, -1))
+    return y.reshape(*lead, *out)
+
+
+def project_grouped(x_GxSxI: jax.Array, w_GxIxO: jax.Array) -> jax.Array:
+    """``einsum("gsi,gio->gso")`` (the experts' matmuls), with ``project``'s weight gradient on
+    the CPU."""
+    if jax.default_backend() != "cpu" or x_GxSxI.dtype != jnp.float32 or w_GxIxO.dtype != jnp.float32:
+        return jnp.einsum("gsi,gio->gso", x_GxSxI, w_GxIxO)
+    return _project_cpu(x_GxSxI, w_GxIxO)
 
 
 def normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> nnx.Param:
@@ -40,6 +94,6 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         dt = x_BxTxD.dtype
-        g = x_BxTxD @ self.w_gate[...].astype(dt)
-        u = x_BxTxD @ self.w_up[...].astype(dt)
-        return (jax.nn.silu(g) * u) @ self.w_down[...].astype(dt)
+        g = project(x_BxTxD, self.w_gate[...].astype(dt))
+        u = project(x_BxTxD, self.w_up[...].astype(dt))
+        return project(jax.nn.silu(g) * u, self.w_down[...].astype(dt))

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from engram_jax.config import EngramConfig
-from engram_jax.layers.common import RMSNorm, normal
+from engram_jax.layers.common import RMSNorm, normal, project
 
 CONV_NORM_EPS = 1e-5  # demo ShortConv(norm_eps=1e-5)
 GATE_NORM_EPS = float(np.finfo(np.float32).eps)  # demo nn.RMSNorm(hidden_size): eps=None -> 2**-23
@@ -92,9 +92,9 @@ class Engram(nnx.Module):
         """
         dt = h_BxTxD.dtype
         e = (self.lookup(hash_ids_BxTxG) if e_BxTxM is None else e_BxTxM).astype(dt)
-        v = e @ self.w_v[...].astype(dt) + self.b_v[...].astype(dt)
+        v = project(e, self.w_v[...].astype(dt)) + self.b_v[...].astype(dt)
         if self.cfg.gate:
-            k = e @ self.w_k[...].astype(dt) + self.b_k[...].astype(dt)
+            k = project(e, self.w_k[...].astype(dt)) + self.b_k[...].astype(dt)
             s = jnp.sum(
                 self.norm_h(h_BxTxD).astype(jnp.float32) * self.norm_k(k).astype(jnp.float32),
                 axis=-1, keepdims=True,

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from engram_jax.config import MoEConfig
-from engram_jax.layers.common import SwiGLU, normal
+from engram_jax.layers.common import SwiGLU, normal, project, project_grouped
 
 
 class RouterBias(nnx.Variable):
@@ -71,7 +71,7 @@ def route(x_SxD: jax.Array, w_router_DxE: jax.Array, bias_E: jax.Array, moe: MoE
       idx_SxK (int32 expert ids), gates_SxK (float32, rows sum to 1), probs_SxE (float32
       normalised affinities, for the auxiliary loss).
     """
-    logits_SxE = x_SxD.astype(jnp.float32) @ w_router_DxE
+    logits_SxE = project(x_SxD.astype(jnp.float32), w_router_DxE)
     if moe.router == "sigmoid":
         scores = jax.nn.sigmoid(logits_SxE)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
@@ -125,9 +125,9 @@ class MoE(nnx.Module):
         slot_SxK = jnp.swapaxes(slot_A.reshape(T, B, K), 0, 1).reshape(S, K)  # back to (b, t, k)
         buf_ExCxD = take_rows(x_SxD, slot_tok, slot_SxK).reshape(E, C, D)
 
-        g = jnp.einsum("ecd,edf->ecf", buf_ExCxD, self.w_gate[...].astype(dt))
-        u = jnp.einsum("ecd,edf->ecf", buf_ExCxD, self.w_up[...].astype(dt))
-        out_ExCxD = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, self.w_down[...].astype(dt))
+        g = project_grouped(buf_ExCxD, self.w_gate[...].astype(dt))  # ecd,edf->ecf
+        u = project_grouped(buf_ExCxD, self.w_up[...].astype(dt))
+        out_ExCxD = project_grouped(jax.nn.silu(g) * u, self.w_down[...].astype(dt))  # ecf,efd->ecd
 
         w_A = (tbk(gates_SxK) * keep_A).astype(dt)
         out_AxD = take_rows(out_ExCxD.reshape(E * C, D), slot_A, slot_asg[:, None])
