@@ -165,6 +165,46 @@ def test_take_rows_and_its_gradient_against_numpy():
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), dx_ref[:5], rtol=1e-6)
 
 
+@pytest.mark.parametrize("shapes,n_in", [(((2, 7, 6), (6, 3, 4)), 1), (((2, 7, 3, 4), (3, 4, 6)), 2),
+                                         (((5, 6), (6, 9)), 1)])
+def test_project_equals_the_einsum_and_its_gradients(shapes, n_in):
+    """``project`` is ``tensordot``: the same forward bit for bit, gradients to rounding (on the
+    CPU its weight gradient is x^T @ dy with x^T materialised); bfloat16 takes the einsum itself."""
+    from engram_jax.layers.common import project
+
+    rng = np.random.default_rng(7)
+    x, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes)
+    probe = jnp.asarray(rng.normal(size=jnp.tensordot(x, w, n_in).shape), jnp.float32)
+    f = lambda fn: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w)) * probe),  # noqa: E731
+                                              argnums=(0, 1)))
+    y, y_ref = project(x, w, n_in), jnp.tensordot(x, w, n_in)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    (v, g), (v_ref, g_ref) = f(lambda x, w: project(x, w, n_in))(x, w), f(
+        lambda x, w: jnp.tensordot(x, w, n_in))(x, w)
+    assert float(v) == float(v_ref)
+    for a, b in zip(g, g_ref):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(project(xb, wb, n_in), np.float32),
+                                  np.asarray(jnp.tensordot(xb, wb, n_in), np.float32))
+    with pytest.raises(ValueError, match="do not match"):
+        project(x, w[1:], n_in)
+
+
+def test_project_grouped_equals_the_experts_einsum():
+    from engram_jax.layers.common import project_grouped
+
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(4, 9, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 6, 5)), jnp.float32)
+    ref = lambda x, w: jnp.einsum("gsi,gio->gso", x, w)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(project_grouped(x, w)), np.asarray(ref(x, w)))
+    loss = lambda fn: jax.grad(lambda x, w: jnp.sum(jnp.tanh(fn(x, w))), argnums=(0, 1))  # noqa: E731
+    for a, b in zip(loss(project_grouped)(x, w), loss(ref)(x, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_one_expert_top1_equals_dense_mlp():
     mcfg = MoEConfig(n_routed=1, top_k=1, n_shared=0, d_expert=24)
     moe = MoE(16, mcfg, n_layers=1, rngs=nnx.Rngs(0))
