@@ -107,8 +107,9 @@ def grid_rows(peak: Peak, *, budgets: list[str] | None = None, steps_fraction: f
         # Placement is compared on the smallest ladder budget: smoke's grid is mostly start-up.
         both = PLACEMENT_BUDGET if PLACEMENT_BUDGET in budgets else budgets[0]
         for budget in budgets:
-            runs = ([("2x1", ""), ("1x2", ""), ("2x1", "@warm"), ("2x1", "@glibc-default")]
-                    if budget == both else [("2x1", "")])
+            runs = [("2x1", ""), ("1x2", ""), ("2x1", "@warm")] if budget == both else [("2x1", "")]
+            if budget == PLACEMENT_BUDGET:  # not on smoke (the tests' grid): mostly start-up
+                runs.append(("2x1", "@glibc-default"))
             for placement, variant in runs:
                 tag = f"{budget}@{placement}cpu{variant}"
                 # @warm: the cache its first run filled; @glibc-default: a cache of its own.

@@ -43,11 +43,12 @@ SCOPES = (
     ("engram_jax.layers.common", "RMSNorm.__call__", "norm"),
     ("engram_jax.layers.engram", "Engram.__call__", "engram"),
     ("engram_jax.optim", "cross_entropy", "loss"),
+    ("engram_jax.model", "project", "head"),  # the model's only direct projection: the LM head
 )
 TOP_OPS = 50  # op names kept in the result, costliest first
 # Innermost first: an op under attn_proj/rope counts as rope.
 PRIORITY = ("rope", "attn_core", "attn_proj", "router", "moe", "dense_ffn", "engram", "norm",
-            "loss")
+            "loss", "head")
 
 
 def _install_scopes() -> None:
@@ -73,7 +74,7 @@ def _part(op_name: str) -> str:
     for scope in PRIORITY:
         if re.search(rf"(^|/|\(){scope}(/|\)|$)", op_name):
             return scope
-    if "btd,dv->btv" in op_name:
+    if "btd,dv->btv" in op_name:  # the head as an einsum (backends other than the CPU)
         return "head"
     if op_name.startswith("jit(train_step)/") and "jvp(" not in op_name and "transpose(" not in op_name:
         return "optimizer"  # after the gradient: clipping, Adam, the routing-bias update

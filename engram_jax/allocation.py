@@ -268,8 +268,9 @@ BUDGETS: dict[str, Budget] = {
         Budget(
             name="cpu-small", preset="cpu-small", steps=480, batch_size=16, lr=3e-3,
             warmup_steps=40, train=(("eval_every", 120), ("eval_batches", 8), ("log_every", 20)),
-            # 6.9k tokens/s: measured for trials that ran alone (results/cpu-small-seeds).
-            corpus="pystdlib", device="cpu", corpus_tokens=3.8e6, cpu_tokens_per_s=6.9e3,
+            # 10k tokens/s: measured per trial with two side by side (results/bench/README.md, the
+            # grid part of run 20261128T160726).
+            corpus="pystdlib", device="cpu", corpus_tokens=3.8e6, cpu_tokens_per_s=10e3,
             description="a real (small) allocation curve on a 2-core CPU in about 20 minutes",
         ),
         # The paper-regime ladder: D = 40 P_act training tokens (the paper: ~100), P_tot/P_act
@@ -277,7 +278,8 @@ BUDGETS: dict[str, Budget] = {
         # sees under 0.07 of it). Learning rates: the best of the lr-<budget> grids at rho = 1
         # (results/lr-<budget>; cpu-1e12: 3.2e-2 of 2e-3 .. 6.4e-2, also the best at rho = 0.7;
         # cpu-3e12: 1.6e-2 of 8e-3 .. 6.4e-2; cpu-1e13: 1.6e-2 of 4e-3 .. 3.2e-2). Tokens/s: measured
-        # per trial with two trials side by side (results/lr-<budget>).
+        # per trial with two trials side by side, at rho 0.8 (results/bench/README.md, the grid part
+        # of run 20261128T160726; the committed grids ran at about a quarter to a half of this).
         *(
             Budget(
                 name=name, preset=name, rhos=LADDER_RHOS if name != "cpu-1e12" else DEFAULT_RHOS,
@@ -289,9 +291,9 @@ BUDGETS: dict[str, Budget] = {
                 description=desc,
             )
             for name, steps, warmup, lr, tps, desc in (
-                ("cpu-1e12", 627, 30, 3.2e-2, 15e3, "C = 1.0e12: 64k active, 2.6M tokens"),
-                ("cpu-3e12", 1096, 55, 1.6e-2, 13e3, "C = 3.0e12: 112k active, 4.5M tokens"),
-                ("cpu-1e13", 2068, 100, 1.6e-2, 15e3, "C = 1.1e13: 212k active, 8.5M tokens"),
+                ("cpu-1e12", 627, 30, 3.2e-2, 60e3, "C = 1.0e12: 64k active, 2.6M tokens"),
+                ("cpu-3e12", 1096, 55, 1.6e-2, 52e3, "C = 3.0e12: 112k active, 4.5M tokens"),
+                ("cpu-1e13", 2068, 100, 1.6e-2, 31e3, "C = 1.1e13: 212k active, 8.5M tokens"),
             )
         ),
         Budget(
