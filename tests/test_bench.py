@@ -162,7 +162,26 @@ def test_profile_attributes_the_traced_ops_to_the_model_parts():
     assert r["step_ms"] > 0
 
 
-@pytest.mark.parametrize("tool", ["bench.breakdown", "bench.profile"])
+def test_matmul_ceiling_collects_every_matmul_of_the_step():
+    """``bench.dots`` on the smoke hybrid: the step's matmuls (forward, backward, custom VJPs
+    included) do at least the model's counted FLOPs (capacity slots add some), take part of the
+    step, and their FLOP count follows the dimension numbers."""
+    from bench.dots import dot_flops
+
+    assert dot_flops((2, 3), (3, 4), (((1,), (0,)), ((), ()))) == 2 * 2 * 3 * 4
+    assert dot_flops((5, 2, 3), (5, 3, 4), (((2,), (1,)), ((0,), (0,)))) == 2 * 5 * 2 * 3 * 4
+    proc = subprocess.run([sys.executable, "-m", "bench.dots", "--budget", "smoke", "--rho", "0.8",
+                           "--repeats", "2", "--json"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["dot_calls"] == sum(k["count"] for k in r["kinds"]) > 10
+    assert r["model_flops"] <= r["dot_flops"] <= 2.0 * r["model_flops"]
+    assert 0 < r["dots_ms"] and 0 < r["dot_share"] < 2
+    assert r["ceiling_model_tflops"] == pytest.approx(r["model_flops"] / r["dots_ms"] / 1e9)
+
+
+@pytest.mark.parametrize("tool", ["bench.breakdown", "bench.profile", "bench.dots"])
 def test_step_tools_refuse_bad_input_before_any_work(tool):
     for args, msg in ((["--budget", "gpu-s"], "CPU budgets"), (["--budget", "smoke", "--rho", "1.5"], "--rho"),
                       (["--budget", "smoke", "--core", "999"], "--core 999")):
