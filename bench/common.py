@@ -183,3 +183,21 @@ def budget_step_inputs(budget: str, rho: float):
             hash_ids[lid] = jnp.asarray(np.stack([rng.integers(0, s, (B, T)) for s in sizes], -1),
                                         jnp.int32)
     return cfg, tcfg, {"tokens": tokens, "hash_ids": hash_ids}
+
+
+def budget_train_step(budget: str, rho: float):
+    """``(cfg, tcfg, batch, state, train_step)`` of a budget at ``rho``: the jitted train step a trial
+    runs (``optim.make_steps``), its initial state (seed 0) and a random batch
+    (``budget_step_inputs``). The step donates its state: pass each call the state it returned."""
+    from flax import nnx
+
+    from engram_jax.model import HybridLM
+    from engram_jax.optim import TrainState, make_optimizer, make_steps
+
+    cfg, tcfg, batch = budget_step_inputs(budget, rho)
+    model = HybridLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(tcfg)
+    state = TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))
+    train_step, _ = make_steps(graphdef, cfg, tcfg, tx)
+    return cfg, tcfg, batch, state, train_step

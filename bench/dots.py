@@ -51,18 +51,11 @@ def dot_flops(lhs_shape, rhs_shape, dimension_numbers) -> int:
 def measure(budget: str, rho: float, *, repeats: int = 7) -> dict:
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from bench.common import budget_step_inputs, timeit
-    from engram_jax.model import HybridLM
-    from engram_jax.optim import TrainState, make_optimizer, make_steps
+    from bench.common import budget_train_step, timeit
 
-    cfg, tcfg, batch = budget_step_inputs(budget, rho)
-    model = HybridLM(cfg, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(tcfg)
-    holder = {"state": TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))}
-    train_step, _ = make_steps(graphdef, cfg, tcfg, tx)
+    cfg, tcfg, batch, state, train_step = budget_train_step(budget, rho)
+    holder = {"state": state}
     dots = _dots(jax.make_jaxpr(train_step)(holder["state"], batch))
 
     def step():

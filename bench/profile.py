@@ -85,19 +85,11 @@ def profile(budget: str, rho: float, *, steps: int = 10) -> dict:
     """Milliseconds per train step of each (part, direction) and of the whole step."""
     _install_scopes()
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from bench.common import budget_step_inputs, timeit
-    from engram_jax.model import HybridLM
-    from engram_jax.optim import TrainState, make_optimizer, make_steps
+    from bench.common import budget_train_step, timeit
 
-    cfg, tcfg, batch = budget_step_inputs(budget, rho)
-    model = HybridLM(cfg, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(tcfg)
-    holder = {"state": TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))}
-    train_step, _ = make_steps(graphdef, cfg, tcfg, tx)
+    _, _, batch, state, train_step = budget_train_step(budget, rho)
+    holder = {"state": state}
     hlo = train_step.lower(holder["state"], batch).compile().as_text()
     meta = {}
     for line in hlo.splitlines():
