@@ -14,11 +14,26 @@ from sweeps.results import LEAD_COLUMNS, atomic_write, build_rows, command_line,
 
 
 class Progress(tune.Callback):
-    """Prints ``[rho0.80-s0] step 30  train 4.512  val 4.498  15.3k tok/s`` lines."""
+    """Prints ``[rho0.80-s0] step 30  train 4.512  val 4.498  15.3k tok/s`` lines, and a line each
+    time a trial starts, is restarted by Tune, finishes or fails."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        tid = trial.config["trial"]["trial_id"]
+        n = trial.num_failures
+        print(f"[{tid}] started" + (f" again (after failure {n})" if n else ""), flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # Tune restarts a trial whose worker or node was lost, or that raised a transient error
+        # (sweeps.failures); a final error ends the trial without this.
+        tid = trial.config["trial"]["trial_id"]
+        limit = trial.max_failures
+        print(f"[{tid}] lost its worker or hit a transient error (failure "
+              f"{trial.num_failures}{f' of at most {limit}' if limit >= 0 else ''}"
+              "); Tune restarts it from its last checkpoint", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid = trial.config["trial"]["trial_id"]
-        if result.get("error"):  # a deterministic failure the trial reported (not retried)
+        if result.get("error"):  # a final error the trial reported (not retried: sweeps.failures)
             print(f"[{tid}] FAILED: {result['error']}", flush=True)
             return
         if result.get("done_record"):

@@ -112,10 +112,19 @@ def summary_table(rows: list[dict]) -> str:
             _num(r.get("tokens_per_s"), ".0f"),
             (_num(ep, ".3g") + (" (> 1: repeats data!)" if _num(ep, "g") != "-" and float(ep) > 1
                                 else "")),
-            r["status"],
+            _status(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _status(row: dict) -> str:
+    """``ok``, ``incomplete``, or ``error (<kind>)``: out of memory, TrainingDiverged, ..."""
+    from sweeps.failures import error_kind
+
+    if row["status"] == "error" and row.get("error"):
+        return f"error ({error_kind(str(row['error']))})"
+    return str(row["status"])
 
 
 def write_readme(out: Path, grid: Grid, rows: list[dict], command: str, ray_version: str) -> None:
@@ -143,6 +152,9 @@ def write_readme(out: Path, grid: Grid, rows: list[dict], command: str, ray_vers
         "## Summary",
         summary_table(rows),
         "",
+        *[f"- `{r['trial_id']}` {r['status']}: {r.get('error')}" for r in rows
+          if r["status"] == "error"],
+        *([""] if any(r["status"] == "error" for r in rows) else []),
         "`runs.csv` has one row per trial (full config JSON, parameter and FLOP counts, losses, "
         "throughput, versions); `curves/<trial_id>.csv` the logged metrics of each trial.",
         "",

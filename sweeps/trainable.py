@@ -8,7 +8,10 @@ a path every node sees, or a URI such as ``s3://...``). A trial that Ray restart
 ``FailureConfig``) restores that checkpoint with ``tune.get_checkpoint()``; a trial left unfinished
 by an earlier run of the grid restores the checkpoint the driver carried over for it
 (``resume_from``). The final result carries the record and the metric curve to the driver, and
-the final checkpoint holds them too, so nothing is ever read from a worker's disk.
+the final checkpoint holds them too, so nothing is ever read from a worker's disk. An error that
+would happen again (out of memory, divergence, any deterministic failure: ``failures.py``) ends
+the trial at once, its last result naming it; only transient errors are raised to Tune, which
+restarts the trial.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 MANIFEST = "manifest.json"  # written into every checkpoint: its step and the size of each file
@@ -95,13 +100,25 @@ def train_trial(config: dict) -> None:
             manifest = unpack_checkpoint(prev, scratch)
             print(f"[{tid}] resuming after step {manifest['step']} from {source}", flush=True)
         _train(t, scratch, tune)
+    except Exception as e:
+        # A restart is for a lost node or worker (Tune sees those without this function raising)
+        # and for transient errors; anything else would fail again: end the trial now, its last
+        # result saying why (sweeps.failures).
+        from sweeps.failures import final_error
+
+        reason = final_error(e, batch_size=t["train"].get("batch_size"))
+        if reason is None:
+            raise
+        traceback.print_exc()
+        print(f"[{tid}] failed, not retried: {reason}", file=sys.stderr, flush=True)
+        tune.report({"done_record": 0, "error": reason})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _train(t: dict, out_dir: Path, tune) -> None:
     from engram_jax.config import ModelConfig, TrainConfig
-    from engram_jax.train import TrainingDiverged, run_trial
+    from engram_jax.train import run_trial
 
     def report(metrics: dict) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -113,14 +130,10 @@ def _train(t: dict, out_dir: Path, tune) -> None:
             pack_checkpoint(out_dir, Path(d), metrics["step"])
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    try:
-        record = run_trial(
-            ModelConfig.from_dict(t["model"]), TrainConfig(**t["train"]), corpus=t["corpus"],
-            out_dir=out_dir, report=report, progress=False, meta=t["meta"], sync_checkpoints=True,
-        )
-    except TrainingDiverged as e:  # deterministic: a retry would diverge again
-        tune.report({"done_record": 0, "error": f"TrainingDiverged: {e}"})
-        return
+    record = run_trial(
+        ModelConfig.from_dict(t["model"]), TrainConfig(**t["train"]), corpus=t["corpus"],
+        out_dir=out_dir, report=report, progress=False, meta=t["meta"], sync_checkpoints=True,
+    )
     final = {k: record[k] for k in ("val_loss", "best_val_loss", "train_loss", "epochs", "steps",
                                     "tokens_seen") if isinstance(record.get(k), (int, float))}
     if isinstance(record.get("tokens_per_s"), (int, float)):
