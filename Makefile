@@ -52,7 +52,7 @@ plots: $(STAMP)
 	$(VPY) -m analysis plots --results $(RESULTS)
 
 readme: $(STAMP)
-	$(VPY) -m analysis.readme --results $(RESULTS)
+	$(VPY) -m analysis readme --results $(RESULTS)
 
 bench: $(STAMP)
 	$(VPY) -m bench.run --out $(RESULTS)/bench

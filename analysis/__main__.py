@@ -1,4 +1,5 @@
-"""Command line: ``python -m analysis fit results/<grid> ...`` and ``python -m analysis plots``.
+"""Command line: ``python -m analysis fit results/<grid> ...``, ``python -m analysis plots`` and
+``python -m analysis readme [--check]``.
 
 Exit status: 0 on success (also when there are no grids yet, with a note), 2 on a missing or
 malformed results table.
@@ -14,12 +15,16 @@ from pathlib import Path
 # Fits are tiny; a BLAS thread pool only spin-waits on a busy small machine. Set before numpy.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+if sys.argv[1:2] == ["plots"]:  # the same figures on every x86-64 CPU (docs/design.md section 10)
+    from analysis._blas import pin_kernels
+
+    pin_kernels()
 
 import pandas as pd  # noqa: E402
 
 from analysis import load  # noqa: E402
 from analysis.fit import fit_optimum_vs_compute  # noqa: E402
-from analysis.report import allocation_table, ci, memory_fit, num  # noqa: E402
+from analysis.report import allocation_table, est, memory_fit, num  # noqa: E402
 
 
 def _print_grid(runs: pd.DataFrame, name: str, n_boot: int, level: float) -> None:
@@ -37,8 +42,8 @@ def _print_grid(runs: pd.DataFrame, name: str, n_boot: int, level: float) -> Non
         col, f = memory_fit(runs, n_boot=min(n_boot, 500), level=level)
         print(f"memory scaling: L = E + A x^-alpha over {col} ({f['n_points']} runs)")
         if f["ok"]:
-            print(f"  alpha = {f['alpha']:.4f} {ci(*f['alpha_ci'])}   E = {f['E']:.4f} "
-                  f"{ci(*f['E_ci'])}   A = {f['A']:.4g}   ({f['reason']})")
+            print(f"  alpha = {est(f['alpha'], *f['alpha_ci'])}   E = {est(f['E'], *f['E_ci'])}"
+                  f"   A = {f['A']:.4g}   ({f['reason']})")
         else:
             print(f"  no fit: {f['reason']}")
         return
@@ -47,8 +52,8 @@ def _print_grid(runs: pd.DataFrame, name: str, n_boot: int, level: float) -> Non
     if runs["budget"].nunique() >= 2:
         o = fit_optimum_vs_compute(runs, n_boot=min(n_boot, 300), level=level)
         if o["ok"]:
-            print(f"rho* vs compute: rho* = {o['a']:.3f} + {o['b']:.3f} log10(C)  "
-                  f"(slope se {num(o['b_se'], '.3f')}, {level:.0%} CI {ci(*o['b_ci'])}; "
+            print(f"rho* vs compute: rho* = {o['a']:.3f} + {est(o['b'], *o['b_ci'])} log10(C)  "
+                  f"(slope se {num(o['b_se'], '.3f')}, {level:.0%} interval in brackets; "
                   f"{o['reason']})")
         else:
             print(f"rho* vs compute: {o['reason']}")
@@ -108,7 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default: <results>/figures")
     p.add_argument("--n-boot", type=int, default=1000)
     p.set_defaults(func=cmd_plots)
-    args = ap.parse_args(argv)
+    sub.add_parser("readme", add_help=False,
+                   help="rewrite (or --check) the README's generated results tables; "
+                        "`python -m analysis readme --help` for its options")
+    args, rest = ap.parse_known_args(argv)
+    if args.cmd == "readme":
+        from analysis import readme
+
+        return readme.main(rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except load.ResultsError as e:

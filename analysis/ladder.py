@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.fit import fit_optimum_vs_compute, fit_u_curve
+from analysis.report import ci, decimals, est
 
 # The paper's gains of the best rho over rho = 1 (engram-paper.md section 2): 1.7248 -> 1.7109 at
 # 6e20 [paper, text]; ~1.829 -> ~1.8155 at 2e20 [read off the figure].
@@ -205,8 +206,9 @@ def _trend(per: pd.DataFrame, gain: dict, level: float) -> str:
     lo, hi = gain["b_ci"]
     share = gain["n_boot_ok"] / max(gain["n_boot"], 1)
     word = ("grows" if lo > 0 else "shrinks" if hi < 0 else "neither grows nor shrinks significantly")
-    return (f"Engram's gain {word} with compute: gain ~ C^{gain['b']:.3f} "
-            f"({level:.0%} interval of the exponent [{lo:.3f}, {hi:.3f}]; "
+    d = decimals(lo, hi)
+    return (f"Engram's gain {word} with compute: gain ~ C^{gain['b']:.{d}f} "
+            f"({level:.0%} interval of the exponent {ci(lo, hi)}; "
             f"{share:.0%} of bootstrap replicates had a positive gain at every budget)")
 
 
@@ -222,13 +224,13 @@ def report_markdown(rep: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in per.itertuples():
         why = str(r.reason).removeprefix("no interior optimum: ")
-        rho = (f"{r.rho_star:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" if r.is_u_shaped
+        rho = (est(r.rho_star, r.ci_low, r.ci_high) if r.is_u_shaped
                else f"no interior optimum ({why})")
         seeds = r.n_seeds >= 2 and math.isfinite(r.seed_sd)
-        gain = (f"{r.gain:.4f} [{r.gain_lo:.4f}, {r.gain_hi:.4f}]" if seeds
+        gain = (est(r.gain, r.gain_lo, r.gain_hi) if seeds
                 else f"{r.gain:.4f} (one seed: no interval)")
         tail = ("-" if not math.isfinite(r.tail_slope) else
-                f"{r.tail_slope:+.4f} [{r.tail_lo:+.4f}, {r.tail_hi:+.4f}]" if seeds
+                est(r.tail_slope, r.tail_lo, r.tail_hi, sign=True) if seeds
                 else f"{r.tail_slope:+.4f}")
         lines.append(
             f"| {r.budget} | {r.C:.3g} | {r.n_rho} x {r.n_seeds} | {r.L1:.4f} | {r.best_rho:.1f} "
@@ -239,15 +241,16 @@ def report_markdown(rep: dict[str, Any]) -> str:
                                        "finished trials of at least two seeds."])
     ovc = rep["optimum_vs_compute"]
     lines += ["", "rho* against compute: " + (
-        f"rho* = {ovc['a']:.3f} + {ovc['b']:.3f} log10 C, slope 95% interval "
-        f"[{ovc['b_ci'][0]:.3f}, {ovc['b_ci'][1]:.3f}] per decade" if ovc.get("ok") and
+        f"rho* = {ovc['a']:.3f} + {est(ovc['b'], *ovc['b_ci'])} log10 C (the slope's 95% "
+        "interval in brackets, per decade)" if ovc.get("ok") and
         math.isfinite(ovc.get("b_se", NAN)) else
         (f"slope {ovc['b']:.3f} per decade (no interval: {ovc['reason']})" if ovc.get("ok")
          else f"not fitted ({ovc.get('reason', '')})"))]
     lines += ["", "| law (y = a C^b) | b | 95% interval of b |", "|---|---|---|"]
     names = {"L1": "loss at rho = 1.0", "L_best": "loss at the best rho", "gain": "gain"}
     for k, law in rep["laws"].items():
-        lines.append(f"| {names[k]} | {law['b']:.4f} | [{law['b_ci'][0]:.4f}, {law['b_ci'][1]:.4f}] |")
+        d = decimals(*law["b_ci"])
+        lines.append(f"| {names[k]} | {law['b']:.{d}f} | {ci(*law['b_ci'])} |")
     lines += ["", rep["gain_trend"] + ".", "",
               "| C | extrapolated gain [95%] | decades beyond the ladder | paper |", "|---|---|---|---|"]
     for r in rep["extrapolation"].itertuples():

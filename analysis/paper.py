@@ -33,6 +33,7 @@ from scipy import stats
 
 from analysis import load
 from analysis.powerlaw import fit_power_law, power_law
+from analysis.report import est
 
 NAN = float("nan")
 MEMORY_COLUMNS = ("params_engram_tables", "params_overencoding_tables")
@@ -139,10 +140,8 @@ def _pm(mean: float, sd: float, n: int) -> str:
     return f"{mean:.4f} ± {sd:.4f} ({n})" if n > 1 else f"{mean:.4f} (1)"
 
 
-def _interval(v: float, lo: float, hi: float, fmt: str = "+.4f") -> str:
-    if not math.isfinite(v):
-        return "-"
-    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if math.isfinite(lo) else f"{v:{fmt}}"
+def _interval(v: float, lo: float, hi: float) -> str:
+    return est(v, lo, hi, sign=True)
 
 
 def memory_markdown(cmp: dict[str, Any] | None, level: float = 0.95) -> str:
@@ -169,9 +168,8 @@ def memory_markdown(cmp: dict[str, Any] | None, level: float = 0.95) -> str:
     for name, arm in cmp["arms"].items():
         f = arm["fit"]
         if f["ok"]:
-            lines.append(f"| {name} | {f['alpha']:.3f} [{f['alpha_ci'][0]:.3f}, "
-                         f"{f['alpha_ci'][1]:.3f}] | {f['E']:.3f} [{f['E_ci'][0]:.3f}, "
-                         f"{f['E_ci'][1]:.3f}] | {f['n_points']} |")
+            lines.append(f"| {name} | {est(f['alpha'], *f['alpha_ci'])} "
+                         f"| {est(f['E'], *f['E_ci'])} | {f['n_points']} |")
         else:
             lines.append(f"| {name} | no fit: {f['reason']} | - | {f['n_points']} |")
     return "\n".join(lines)
@@ -344,9 +342,8 @@ def optimizer_markdown(table: pd.DataFrame) -> str:
     lines = ["| optimizer | grid | trials | L(1.0) | best rho | L(best) | gain [95%] "
              "| rho* [95%] |", "|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
-        rho = (f"{r.rho_star:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" if r.is_u_shaped
-               else "no interior optimum")
-        gain = (f"{r.gain:.4f} [{r.gain_lo:.4f}, {r.gain_hi:.4f}]" if r.n_seeds >= 2
+        rho = est(r.rho_star, r.ci_low, r.ci_high) if r.is_u_shaped else "no interior optimum"
+        gain = (est(r.gain, r.gain_lo, r.gain_hi) if r.n_seeds >= 2
                 else f"{r.gain:.4f} (one seed)")
         lines.append(f"| {r.optimizer} | {r.grid} | {r.trials} | {r.L1:.4f} | {r.best_rho:.1f} "
                      f"| {r.L_best:.4f} | {gain} | {rho} |")

@@ -11,11 +11,53 @@ from analysis import load
 from analysis.fit import fit_power_law, fit_u_curve
 
 
-def ci(lo: float, hi: float) -> str:
-    """Formats an interval, "-" when it is undefined."""
-    if math.isnan(lo) or math.isnan(hi):
+# Printed precision of an estimate with an interval: the interval's width to two significant
+# digits, so one unit of the last digit is 1-10% of the width. Bootstrap percentiles and the
+# optima of ill-conditioned fits move by less than that between CPUs (BLAS and optimizer
+# rounding), and by far more when a committed result really changes. The README check
+# (analysis.readme.same) allows one unit of the last printed digit, so a number that sits on a
+# rounding boundary may flip either way.
+WIDTH_DIGITS = 2
+MAX_DECIMALS = 4
+
+
+def decimals(lo: float, hi: float, *, most: int = MAX_DECIMALS) -> int:
+    """Decimals that print the width ``hi - lo`` to ``WIDTH_DIGITS`` significant digits.
+
+    Args:
+        lo, hi: the interval's ends.
+        most: the cap, used too when the width is zero or undefined.
+    """
+    w = abs(hi - lo)
+    if not math.isfinite(w) or w == 0:
+        return most
+    return int(min(most, max(0, WIDTH_DIGITS - 1 - math.floor(math.log10(w)))))
+
+
+def ci(lo: float, hi: float, *, sign: bool = False, digits: int | None = None) -> str:
+    """Formats an interval at the precision its width supports, "-" when it is undefined.
+
+    Args:
+        lo, hi: the ends.
+        sign: print a leading "+" on positive ends.
+        digits: fixed decimals instead of the width's.
+    """
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return "-"
-    return f"[{lo:.3f}, {hi:.3f}]"
+    d = decimals(lo, hi) if digits is None else digits
+    f = f"{'+' if sign else ''}.{d}f"
+    return f"[{lo:{f}}, {hi:{f}}]"
+
+
+def est(v: float, lo: float, hi: float, *, sign: bool = False) -> str:
+    """An estimate and its interval, both at the precision the interval supports:
+    ``"0.14 [0.03, 0.35]"``; the estimate alone (4 decimals) when there is no interval."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{v:{'+' if sign else ''}.4f}"
+    d = decimals(lo, hi)
+    return f"{v:{'+' if sign else ''}.{d}f} {ci(lo, hi, sign=sign, digits=d)}"
 
 
 def num(v: float, fmt: str = ".4f") -> str:
@@ -37,7 +79,8 @@ def allocation_table(runs: pd.DataFrame, *, n_boot: int = 1000, level: float = 0
         f = fit_u_curve(d, n_boot=n_boot, level=level)
         rows.append({
             "budget": budget, "n_rho": f["n_points"], "runs": f["n_runs"],
-            "seeds": d["seed"].nunique(), "rho*": num(f["rho_star"], ".3f"),
+            "seeds": d["seed"].nunique(),
+            "rho*": num(f["rho_star"], f".{decimals(f['ci_low'], f['ci_high'], most=3)}f"),
             f"CI{level:.0%}": ci(f["ci_low"], f["ci_high"]), "model": f["model"] or "-",
             "L*": num(f["l_star"]) if f["is_u_shaped"] else "-",
             "spline rho*": num(f["spline_rho_star"], ".3f"),

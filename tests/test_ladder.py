@@ -41,7 +41,13 @@ def test_ladder_report_recovers_the_truth(runs):
     assert (ext["gain"] <= ext["hi"]).all() and (ext["decades"] > 3).all()
     text = report_markdown(rep)
     assert "| small |" in text and "rho* against compute" in text and "6e+20" in text
-    assert "tail slope dL/drho at rho <= 0.6" in text and "| -0.16" in text
+    assert "tail slope dL/drho at rho <= 0.6" in text
+    # estimates with an interval are printed at the precision the interval supports
+    from analysis.report import est
+
+    small = rep["per_budget"].set_index("budget").loc["small"]
+    assert f"| {est(small.tail_slope, small.tail_lo, small.tail_hi, sign=True)} |" in text
+    assert est(-0.1683, -0.19, -0.15, sign=True) == "-0.168 [-0.190, -0.150]"
 
 
 def test_a_budgets_intervals_do_not_depend_on_the_other_budgets(runs):
