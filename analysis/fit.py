@@ -11,8 +11,10 @@ around the minimum is biased towards the flatter side. :func:`fit_u_curve` model
    The pure-error variance s^2 comes from the remaining within-x scatter.
 2. Shape test (:mod:`analysis.ushape`): "U-shaped" needs the best valley fit (isotonic regression,
    non-increasing then non-decreasing) to beat the best monotone fit by more than the
-   least-favourable critical value at size ``alpha_shape`` (default 0.005): a curve that is
-   monotone, flat, or flat at its low end is called U-shaped at most that often.
+   least-favourable critical value at size ``alpha_shape`` (default 0.01): a curve that is
+   monotone, flat, or flat at its low end is called U-shaped at most that often. The size is
+   the largest that keeps the false-U rate at or below 1%, chosen for power: at 0.005 the test
+   missed valleys 4-6 standard errors of a seed mean deep (``results/calibration/``, "Power").
 3. Candidate shapes, all ``L* + a (x*-x)_+^p + b (x-x*)_+^q`` with a, b >= 0 over the whole grid:
    the vertex parabola (3 parameters), the two-sided parabola (4) and the two-sided power form
    (p, q in 1.25..6; 6 parameters), each fitted exactly on a 0.005 grid of x* over the data range.
@@ -101,8 +103,8 @@ def _empty(level: float) -> dict[str, Any]:
 
 def fit_u_curve(
     df: pd.DataFrame, x: str = "rho", y: str = "val_loss", *, n_boot: int = 1000, seed: int = 0,
-    level: float = 0.95, alpha_shape: float = 0.005, seed_col: str | None = "seed",
-    penalty: float = 2.0,
+    level: float = 0.95, alpha_shape: float = 0.01, seed_col: str | None = "seed",
+    penalty: float = 2.0, shape_only: bool = False,
 ) -> dict[str, Any]:
     """Fits the loss-vs-rho curve and its optimum, never raising on degenerate data.
 
@@ -117,6 +119,8 @@ def fit_u_curve(
         seed_col: column naming the training seed; its per-seed offsets are removed when seeds
             are crossed with x (None: never).
         penalty: per-parameter penalty of the shape choice (2 = AIC).
+        shape_only: stop after the shape test (``shape_stat``, ``shape_crit``, ``dof`` and
+            ``counts`` set, no verdict): what a power study of the test needs.
 
     Returns:
         A dict: ``rho_star``, ``l_star``, ``ci_low``/``ci_high`` (the bootstrap percentile
@@ -132,10 +136,10 @@ def fit_u_curve(
         ``is_u_shaped`` is False, rho_star and the interval are NaN and ``reason`` says why.
     """
     with single_threaded_blas():
-        return _fit_u(df, x, y, n_boot, seed, level, alpha_shape, seed_col, penalty)
+        return _fit_u(df, x, y, n_boot, seed, level, alpha_shape, seed_col, penalty, shape_only)
 
 
-def _fit_u(df, x, y, n_boot, seed, level, alpha_shape, seed_col, penalty) -> dict[str, Any]:
+def _fit_u(df, x, y, n_boot, seed, level, alpha_shape, seed_col, penalty, shape_only=False) -> dict[str, Any]:
     res = _empty(level)
     if x not in df.columns or y not in df.columns:
         res["reason"] = f"missing column(s): need {x!r} and {y!r}"
@@ -166,11 +170,12 @@ def _fit_u(df, x, y, n_boot, seed, level, alpha_shape, seed_col, penalty) -> dic
         return res
     i_min = int(np.argmin(means))
     res["x_min_empirical"] = float(xs[i_min])
-    bank = ushape.ShapeBank(xs, counts)
+    bank = None  # built when a fit needs it (not for a shape test alone)
     resid = yr - means[inv]
     dof = len(xr) - len(xs) - n_sfx
     method = "seed-level residuals (within-x scatter) resampled onto the x means"
     if dof < 2:  # one run per x: the noise can only come from a fitted curve
+        bank = ushape.ShapeBank(xs, counts)
         two = bank.fit(means[None], 1.0, 0.0, shapes=("two-sided parabola",))
         dof = len(xs) - 4
         if dof < 1:
@@ -194,7 +199,10 @@ def _fit_u(df, x, y, n_boot, seed, level, alpha_shape, seed_col, penalty) -> dic
 
     t = float(ushape.shape_statistic(means[None], counts)[0]) / s2
     crit = ushape.critical_value(tuple(counts), int(dof), alpha_shape)
-    res.update(shape_stat=t, shape_crit=crit)
+    res.update(shape_stat=t, shape_crit=crit, counts=tuple(float(c) for c in counts))
+    if shape_only:
+        res["reason"] = "shape test only"
+        return res
     if t <= crit:
         edge = ""
         if i_min in (0, len(xs) - 1):
@@ -262,6 +270,8 @@ def _fit_window(xs, counts, means, s2, dof, penalty, bank, p_lof=0.01, min_point
         (the bank of the window, the fit dict, the window's index array into xs).
     """
     lo, hi = 0, len(xs) - 1
+    if bank is None:
+        bank = ushape.ShapeBank(xs, counts)
     while True:
         win = np.arange(lo, hi + 1)
         fit = bank.fit(means[None, win], s2, penalty)
