@@ -18,14 +18,25 @@ Measured on an H200 (JAX 0.11.2), two steps at the grids' batches: ``gpu-s`` rho
 
 Offloaded Engram tables (``engram.offload``) and their moments live in host memory and are left
 out. Shapes: B batch, T sequence, D model, N heads, F hidden, E experts, K top-k, V vocabulary.
+
+On a GPU, JAX's allocator does not hand out the whole device: it preallocates a fraction of its
+total memory (75% unless ``XLA_PYTHON_CLIENT_MEM_FRACTION``, or its newer name
+``XLA_CLIENT_MEM_FRACTION``, says otherwise) and serves every buffer from that pool; only
+``XLA_PYTHON_CLIENT_ALLOCATOR=platform`` allocates from the whole device.
+``jax_memory_fraction`` reads those settings from an environment, so a plan is held against what
+the trial's process can actually use.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from engram_jax.config import ModelConfig, TrainConfig
 
 GiB = 1024**3
 WORKSPACE = 1 * GiB
+JAX_DEFAULT_FRACTION = 0.75  # JAX's GPU allocator preallocates this share of the device
+FRACTION_VARS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
 
 # Device memory of the accelerators Ray names in its ``accelerator_type:<name>`` resource (GiB;
 # where a type comes in two sizes, the smaller).
@@ -84,3 +95,34 @@ def memory_plan(cfg: ModelConfig, tcfg: TrainConfig, *, platform: str = "cuda") 
 def describe(plan: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / GiB:.1f}" for k, v in plan.items() if k != "total") + \
         f" GiB; total {plan['total'] / GiB:.1f} GiB"
+
+
+def parse_fraction(value: str | float, name: str = "memory fraction") -> float:
+    """A memory fraction in (0, 1]; ValueError naming ``name`` otherwise."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}") from None
+    if not 0 < f <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return f
+
+
+def jax_memory_fraction(environ: Mapping[str, str]) -> tuple[float, str]:
+    """(share of a GPU's total memory that JAX's allocator may use, why) in a process whose
+    environment is ``environ``: 1.0 with ``XLA_PYTHON_CLIENT_ALLOCATOR=platform``, else
+    ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (or ``XLA_CLIENT_MEM_FRACTION``), else JAX's 0.75.
+
+    Raises ValueError where JAX would refuse the settings (both fraction variables set, a value
+    outside (0, 1]).
+    """
+    if environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+        return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform: buffers come from the whole device"
+    given = [(k, environ[k]) for k in FRACTION_VARS if environ.get(k)]
+    if len(given) > 1:
+        raise ValueError(f"both {FRACTION_VARS[0]} and {FRACTION_VARS[1]} are set (JAX refuses "
+                         "that); keep one")
+    if given:
+        name, value = given[0]
+        return parse_fraction(value, name), f"{name}={value}"
+    return JAX_DEFAULT_FRACTION, f"JAX's default: it preallocates {JAX_DEFAULT_FRACTION:.0%}"

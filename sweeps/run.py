@@ -22,7 +22,10 @@ committed files alone (``runs.csv``, ``curves/``, ``README.md``, ``grid.json``),
 driver was killed without warning. A trial whose node dies is restarted by Tune
 (``--max-failures``) from its last checkpoint. A finished grid is never overwritten without
 ``--force``. Exit status: 0 all trials finished; 1 some failed or were interrupted; 2 invalid
-grid; 3 refused.
+grid or settings; 3 refused.
+
+GPU trials run with ``XLA_PYTHON_CLIENT_MEM_FRACTION`` set (``--mem-fraction``, default 0.9),
+and the memory plan is held against that share of the device.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from sweeps.trainable import spec_to_config, train_trial
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _OWNED = ("runs.csv", "curves", "README.md", "grid.json", "trials", "ray", ".gitignore")
 _GITIGNORE = "# checkpoints and Ray state stay out of git; runs.csv, curves/ and README.md are the results\nray/\n"
+# Share of a GPU's memory that JAX's allocator may use in GPU trials unless --mem-fraction or
+# the driver's environment says otherwise (JAX's own default is 0.75).
+SWEEP_MEM_FRACTION = 0.9
 
 # Fast, quiet Ray start-up; set before Ray is imported. Users can override each.
 for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
@@ -143,12 +149,18 @@ def main(argv: list[str] | None = None) -> int:
                          "$ENGRAM_JAX_HOST_MALLOC or tuned)")
     ap.add_argument("--max-failures", type=int, default=3,
                     help="restarts of a trial after a lost node or worker (default: 3)")
+    ap.add_argument("--mem-fraction", default=None, metavar="F",
+                    help="share of each GPU's memory JAX may use in GPU trials, set in them as "
+                         "XLA_PYTHON_CLIENT_MEM_FRACTION; the memory plan is checked against it "
+                         "(default: $XLA_PYTHON_CLIENT_MEM_FRACTION or $XLA_CLIENT_MEM_FRACTION "
+                         f"where set, else {SWEEP_MEM_FRACTION})")
     a = ap.parse_args(argv)
 
     try:
         grid = load_grid(a.grid)
         _check_compile_cache(a.compile_cache)
         _check_host_malloc(a)
+        a.gpu_env = _check_gpu_env(a.mem_fraction)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,6 +200,32 @@ def main(argv: list[str] | None = None) -> int:
              if state == "partial" else ""), flush=True)
     pending = [c for c in trial_configs if c["trial_id"] not in kept]
     return _run(grid, out, pending, kept, a)
+
+
+def gpu_jax_env(mem_fraction: str | float | None, environ=os.environ) -> dict[str, str]:
+    """JAX's allocator settings for GPU trials: ``XLA_PYTHON_CLIENT_MEM_FRACTION`` from
+    ``mem_fraction``, else the driver's own fraction setting, else ``SWEEP_MEM_FRACTION``; and the
+    driver's ``XLA_PYTHON_CLIENT_ALLOCATOR`` where set. Raises ValueError for settings JAX would
+    refuse."""
+    from engram_jax.memory import FRACTION_VARS, jax_memory_fraction, parse_fraction
+
+    jax_memory_fraction(environ)  # the driver's own settings must be valid
+    if mem_fraction is not None:
+        fraction = parse_fraction(mem_fraction, "--mem-fraction")
+    else:
+        given = [environ[k] for k in FRACTION_VARS if environ.get(k)]
+        fraction = float(given[0]) if given else SWEEP_MEM_FRACTION
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:g}"}
+    if environ.get("XLA_PYTHON_CLIENT_ALLOCATOR"):
+        env["XLA_PYTHON_CLIENT_ALLOCATOR"] = environ["XLA_PYTHON_CLIENT_ALLOCATOR"]
+    return env
+
+
+def _check_gpu_env(mem_fraction) -> dict[str, str]:
+    try:
+        return gpu_jax_env(mem_fraction)
+    except ValueError as e:
+        raise GridError(str(e)) from None
 
 
 def _check_host_malloc(a) -> None:
@@ -246,7 +284,8 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
         if platform in ("cuda", "tpu"):
             pending = {c["trial_id"] for c in trial_configs}
             why = check_memory([t for t in grid.trials if t.trial_id in pending], platform,
-                               ray.cluster_resources(), a.device_memory)
+                               ray.cluster_resources(), a.device_memory,
+                               jax_env=a.gpu_env if platform == "cuda" else None)
             if why:
                 print(f"error: {why}", file=sys.stderr)
                 return 2
@@ -258,6 +297,8 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
             c["platform"] = platform
             c["cpus"] = res["cpu"]
             c["compile_cache"] = a.compile_cache
+            if platform == "cuda":
+                c["jax_env"] = a.gpu_env
             if c["trial_id"] in resume:
                 c["resume_from"] = resume[c["trial_id"]]
         writer = RowWriter(grid, out, kept, ray.__version__)
@@ -325,14 +366,19 @@ def local_init_kwargs(num_cpus: int | None) -> dict:
             "num_cpus": num_cpus or os.cpu_count(), "object_store_memory": 200 * 1024**2}
 
 
-def check_memory(trials, platform: str, cluster: dict, device_gib: float | None) -> str:
+def check_memory(trials, platform: str, cluster: dict, device_gib: float | None, *,
+                 jax_env: dict | None = None) -> str:
     """Why the trials cannot fit one device ("" if they can, or if its memory is unknown).
 
     The plan (``engram_jax.memory``: parameters, gradients, optimizer state, activations at the
-    grid's batch) of the largest trial is held against ``device_gib``, or else the memory of the
-    accelerator type Ray reports (``accelerator_type:H100`` ...).
+    grid's batch) of the largest trial is held against what JAX may use of ``device_gib``, or
+    else of the memory of the accelerator type Ray reports (``accelerator_type:H100`` ...). On a
+    GPU that is the share JAX's allocator takes in a trial whose environment holds ``jax_env``
+    (``gpu_jax_env``; without it, JAX's default 0.75); on a TPU all of it.
     """
-    from engram_jax.memory import DEVICE_MEMORY_GIB, GiB, describe, memory_plan
+    from engram_jax.memory import (
+        DEVICE_MEMORY_GIB, GiB, describe, jax_memory_fraction, memory_plan,
+    )
 
     if device_gib is None:
         types = [k.split(":", 1)[1] for k in cluster if k.startswith("accelerator_type:")]
@@ -347,13 +393,17 @@ def check_memory(trials, platform: str, cluster: dict, device_gib: float | None)
         return ""
     tid = max(plans, key=lambda k: plans[k]["total"])
     plan = plans[tid]
-    print(f"memory plan of the largest trial ({tid}): {describe(plan)} of {device_gib:g} GiB",
-          flush=True)
-    if plan["total"] > device_gib * GiB:
+    fraction, why = jax_memory_fraction(jax_env or {}) if platform == "cuda" else (1.0, "")
+    usable = device_gib * fraction
+    of = (f"{usable:.4g} GiB that JAX may use of {device_gib:g} GiB ({why})" if fraction < 1
+          else f"{device_gib:g} GiB")
+    print(f"memory plan of the largest trial ({tid}): {describe(plan)} of {of}", flush=True)
+    if plan["total"] > usable * GiB:
         batch = next(t.train.batch_size for t in trials if t.trial_id == tid)
+        more = (", raise --mem-fraction" if platform == "cuda" and fraction < 1 else "")
         return (f"trial {tid} needs about {plan['total'] / GiB:.1f} GiB per device "
-                f"({describe(plan)}) but the device has {device_gib:g} GiB; lower batch_size "
-                f"(now {batch}) or seq_len, or pass --device-memory if the device is larger")
+                f"({describe(plan)}) but has {of}; lower batch_size (now {batch}) or seq_len"
+                f"{more}, or pass --device-memory if the device is larger")
     return ""
 
 

@@ -76,14 +76,28 @@ def unpack_checkpoint(checkpoint, out_dir: Path) -> dict:
     return manifest
 
 
+def apply_jax_env(env: dict[str, str], environ=os.environ) -> None:
+    """Set JAX's allocator variables ``env`` before JAX starts. Where it sets the memory fraction,
+    a fraction under JAX's other name from the node's environment is dropped (JAX refuses both)."""
+    from engram_jax.memory import FRACTION_VARS
+
+    if any(k in env for k in FRACTION_VARS):
+        for k in FRACTION_VARS:
+            environ.pop(k, None)
+    environ.update(env)
+
+
 def train_trial(config: dict) -> None:
     """Tune function trainable. ``config["trial"]`` is a ``spec_to_config`` dict plus platform
     ("cpu", "cuda" or "tpu"), cpus, ``compile_cache`` (``engram_jax.compile_cache`` setting:
     "default", "off" or a directory; resolved on this machine) and ``resume_from`` (a checkpoint
-    path or URI, or absent). The worker's malloc settings (``engram_jax.host_malloc``) came with
-    its environment (``sweeps.run``'s ``runtime_env``)."""
+    path or URI, or absent), and for GPU trials ``jax_env``: JAX's allocator settings
+    (``sweeps.run.gpu_jax_env``, which the driver's memory plan assumed). The worker's malloc
+    settings (``engram_jax.host_malloc``) came with its environment (``sweeps.run``'s
+    ``runtime_env``)."""
     t = config["trial"]
     os.environ["JAX_PLATFORMS"] = t["platform"]
+    apply_jax_env(t.get("jax_env") or {})
     from engram_jax import compile_cache
 
     compile_cache.enable(t.get("compile_cache", compile_cache.DEFAULT))

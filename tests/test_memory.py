@@ -1,6 +1,7 @@
 """The device-memory plan checked before a GPU/TPU grid starts, and the GPU presets' shapes.
 
-Fast: the plan's parts and scaling, the driver's refusal of a batch that cannot fit. Slow: two
+Fast: the plan's parts and scaling, the share of a GPU JAX's allocator takes (and the fraction the
+sweep sets in GPU trials), the driver's refusal of a batch that cannot fit. Slow: two
 steps of every trial shape of each GPU grid on the CPU at batch 1 (a shape error shows here, not
 an hour into a GPU run). GPU: two steps at the grid's own batch, peak memory within the plan.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engram_jax.memory import GiB, WORKSPACE, memory_plan
+from engram_jax.memory import GiB, WORKSPACE, jax_memory_fraction, memory_plan
 from sweeps.grid import load_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,23 +39,73 @@ def test_plan_parts_and_scaling():
 
 
 @pytest.mark.parametrize("name", GPU_GRIDS)
-def test_gpu_grids_fit_an_h100(name):
+def test_gpu_grids_fit_an_h100_at_the_sweeps_memory_fraction(name):
+    from sweeps.run import SWEEP_MEM_FRACTION
+
     for t in _grid(name).trials:
-        assert memory_plan(t.model, t.train)["total"] < 80 * GiB, t.trial_id
+        assert memory_plan(t.model, t.train)["total"] < SWEEP_MEM_FRACTION * 80 * GiB, t.trial_id
+
+
+def test_jax_memory_fraction_follows_jaxs_allocator_settings():
+    assert jax_memory_fraction({}) == (0.75, "JAX's default: it preallocates 75%")
+    assert jax_memory_fraction({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".9"})[0] == 0.9
+    assert jax_memory_fraction({"XLA_CLIENT_MEM_FRACTION": "0.5"})[0] == 0.5
+    # preallocation off: the same pool limit, allocated as needed
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}
+    assert jax_memory_fraction(env)[0] == 0.6
+    platform = {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+    assert jax_memory_fraction(platform)[0] == 1.0
+    with pytest.raises(ValueError, match="both XLA_PYTHON_CLIENT_MEM_FRACTION and"):
+        jax_memory_fraction({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9", "XLA_CLIENT_MEM_FRACTION": "0.9"})
+    for bad in ("0", "1.5", "most"):
+        with pytest.raises(ValueError, match="XLA_PYTHON_CLIENT_MEM_FRACTION must be"):
+            jax_memory_fraction({"XLA_PYTHON_CLIENT_MEM_FRACTION": bad})
+
+
+def test_gpu_trials_get_the_fraction_the_plan_assumes(monkeypatch):
+    """The sweep sets XLA_PYTHON_CLIENT_MEM_FRACTION in every GPU trial (``--mem-fraction``,
+    else the driver's own setting, else 0.9), and the trial applies it before JAX starts."""
+    from sweeps.run import SWEEP_MEM_FRACTION, gpu_jax_env
+    from sweeps.trainable import apply_jax_env
+
+    assert gpu_jax_env(None, {}) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{SWEEP_MEM_FRACTION:g}"}
+    assert gpu_jax_env("0.8", {"XLA_CLIENT_MEM_FRACTION": "0.5"}) == {
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.8"}
+    assert gpu_jax_env(None, {"XLA_CLIENT_MEM_FRACTION": "0.5"}) == {
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+    assert gpu_jax_env(None, {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"})[
+        "XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
+    with pytest.raises(ValueError, match="--mem-fraction must be in"):
+        gpu_jax_env("1.2", {})
+    node = {"XLA_CLIENT_MEM_FRACTION": "0.3", "PATH": "/bin"}  # a node's own setting
+    apply_jax_env(gpu_jax_env(None, {}), node)
+    assert node == {"PATH": "/bin", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+    assert jax_memory_fraction(node)[0] == SWEEP_MEM_FRACTION
 
 
 def test_driver_refuses_a_grid_that_cannot_fit(capsys):
-    from sweeps.run import check_memory
+    from sweeps.run import check_memory, gpu_jax_env
 
     trials = _grid("gpu-m").trials
+    h100 = {"GPU": 1, "accelerator_type:H100": 1}
     big = [dataclasses.replace(t, train=dataclasses.replace(t.train, batch_size=128)) for t in trials]
-    why = check_memory(big, "cuda", {"GPU": 1, "accelerator_type:H100": 1}, None)
-    assert "needs about" in why and "of 80 GiB" not in why and "lower batch_size (now 128)" in why
-    assert check_memory(trials, "cuda", {"accelerator_type:H100": 1}, None) == ""
-    assert "of 80 GiB" in capsys.readouterr().out
+    why = check_memory(big, "cuda", h100, None, jax_env=gpu_jax_env(None, {}))
+    assert "needs about" in why and "lower batch_size (now 128)" in why
+    assert "but has 72 GiB that JAX may use of 80 GiB (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9)" in why
+    assert "raise --mem-fraction" in why
+    assert check_memory(trials, "cuda", h100, None, jax_env=gpu_jax_env(None, {})) == ""
+    assert "of 72 GiB that JAX may use of 80 GiB" in capsys.readouterr().out
+    # gpu-m (plan 65.7 GiB, 61.6 measured on an H200) does not fit the 60 GiB JAX preallocates
+    # of an H100 by default
+    why = check_memory(trials, "cuda", h100, None, jax_env={})
+    assert "has 60 GiB that JAX may use of 80 GiB (JAX's default: it preallocates 75%)" in why
+    assert check_memory(trials, "cuda", h100, None,
+                        jax_env={"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}) == ""
+    capsys.readouterr()
     assert check_memory(big, "cuda", {"GPU": 1}, None) == ""  # unknown memory: a note, no check
     assert "--device-memory" in capsys.readouterr().err
-    assert "needs about" in check_memory(trials, "tpu", {"TPU": 4}, 16)
+    why = check_memory(trials, "tpu", {"TPU": 4}, 16)  # a TPU's whole memory
+    assert "needs about" in why and "but has 16 GiB;" in why and "mem-fraction" not in why
 
 
 def _shapes(name: str):
@@ -100,3 +151,31 @@ def test_gpu_peak_memory_stays_within_the_plan(name, tmp_path):
     print(f"{name}: peak {peak / GiB:.2f} GiB, plan {plan['total'] / GiB:.2f} GiB")
     assert peak <= plan["total"], (peak, plan)
     assert peak >= 0.3 * (plan["total"] - WORKSPACE), "the plan is far too pessimistic"
+
+
+@pytest.mark.gpu
+def test_gpu_pool_is_the_fraction_the_plan_assumes():
+    """In a process with a GPU trial's allocator settings, JAX's pool (``bytes_limit``) is that
+    share of the device's total memory (nvidia-smi), as the plan assumes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from sweeps.run import SWEEP_MEM_FRACTION, gpu_jax_env
+    from sweeps.trainable import apply_jax_env
+
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("needs a GPU (nvidia-smi)")
+    total_mib = int(subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+        capture_output=True, text=True, check=True).stdout.split()[0])
+    env = {**os.environ, "JAX_PLATFORMS": "cuda", "CUDA_VISIBLE_DEVICES": "0"}
+    apply_jax_env(gpu_jax_env(None, {}), env)
+    code = "import jax; print(jax.devices()[0].memory_stats()['bytes_limit'])"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    limit = int(r.stdout.split()[-1])
+    print(f"bytes_limit {limit / GiB:.2f} GiB of {total_mib / 1024:.2f} GiB")
+    assert limit == pytest.approx(SWEEP_MEM_FRACTION * total_mib * 2**20, rel=0.02)
