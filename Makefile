@@ -9,6 +9,9 @@ FORCE   ?= 0
 STORAGE ?=
 COMPILE_CACHE ?=
 HOST_MALLOC ?=
+# Experiment tracking of make sweep: tensorboard (the default of sweeps.run), mlflow, wandb, several
+# comma-separated, or none.
+TRACKING ?=
 PYTEST_ARGS ?=
 # Which JAX build `make setup` installs: cuda when nvidia-smi lists a GPU, else cpu; ACCEL=cpu,
 # cuda or tpu overrides. The version range is the one pyproject.toml admits.
@@ -32,7 +35,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet "torch==2.13.0"
-	$(VPY) -m pip install --quiet -e ".[sweep,analysis,notebooks,parity,test]"
+	$(VPY) -m pip install --quiet -e ".[sweep,tracking,analysis,notebooks,parity,test]"
 	$(if $(JAX_REQ),$(VPY) -m pip install --quiet "$(JAX_REQ)",@echo "JAX: CPU build (ACCEL=cpu)")
 	touch $(STAMP)
 
@@ -43,7 +46,7 @@ test-all: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 sweep: $(STAMP)
-	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,) $(if $(STORAGE),--storage $(STORAGE),) $(if $(COMPILE_CACHE),--compile-cache $(COMPILE_CACHE),) $(if $(HOST_MALLOC),--host-malloc $(HOST_MALLOC),)
+	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,) $(if $(STORAGE),--storage $(STORAGE),) $(if $(COMPILE_CACHE),--compile-cache $(COMPILE_CACHE),) $(if $(HOST_MALLOC),--host-malloc $(HOST_MALLOC),) $(if $(TRACKING),--tracking $(TRACKING),)
 
 fit: $(STAMP)
 	$(VPY) -m analysis fit $(RESULTS)/$(notdir $(basename $(GRID)))

@@ -19,13 +19,18 @@ Rerunning the same command continues a grid: rows already ``ok`` in ``runs.csv``
 as they are and their trials are not run again; the others train, resuming from their last
 checkpoint in the storage when it has one. So a grid can be continued on another machine from its
 committed files alone (``runs.csv``, ``curves/``, ``README.md``, ``grid.json``), even after the
-driver was killed without warning. A trial whose node dies is restarted by Tune
-(``--max-failures``) from its last checkpoint. A finished grid is never overwritten without
-``--force``. Exit status: 0 all trials finished; 1 some failed or were interrupted; 2 invalid
-grid or settings; 3 refused.
+driver was killed without warning. A trial whose node or worker dies is restarted by Tune
+(``--max-failures``) from its last checkpoint; an error that would happen again (out of memory,
+divergence, a deterministic failure) ends its trial at once, named in ``runs.csv`` and the
+summary (``failures.py``). A finished grid is never overwritten without ``--force``.
 
+Tracking (``--tracking``, ``tracking.py``): TensorBoard event files under the storage by
+default, or MLflow, or Weights & Biases, through Ray Tune's logger callbacks; one run per trial.
 GPU trials run with ``XLA_PYTHON_CLIENT_MEM_FRACTION`` set (``--mem-fraction``, default 0.9),
 and the memory plan is held against that share of the device.
+
+Exit status: 0 all trials finished; 1 some failed or were interrupted; 2 invalid grid or
+settings; 3 refused.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ from sweeps.results import (
 from sweeps.trainable import spec_to_config, train_trial
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-_OWNED = ("runs.csv", "curves", "README.md", "grid.json", "trials", "ray", ".gitignore")
-_GITIGNORE = "# checkpoints and Ray state stay out of git; runs.csv, curves/ and README.md are the results\nray/\n"
+_OWNED = ("runs.csv", "curves", "README.md", "grid.json", "trials", "ray", "mlflow", "wandb",
+          ".gitignore")
+_GITIGNORE = ("# checkpoints, Ray state and tracking stores stay out of git; runs.csv, curves/ and "
+              "README.md are the results\nray/\nmlflow/\nwandb/\n")
 # Share of a GPU's memory that JAX's allocator may use in GPU trials unless --mem-fraction or
 # the driver's environment says otherwise (JAX's own default is 0.75).
 SWEEP_MEM_FRACTION = 0.9
@@ -148,7 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                          "that may use an accelerator gets glibc's defaults (default: "
                          "$ENGRAM_JAX_HOST_MALLOC or tuned)")
     ap.add_argument("--max-failures", type=int, default=3,
-                    help="restarts of a trial after a lost node or worker (default: 3)")
+                    help="restarts of a trial after a lost node or worker, or a transient error "
+                         "(default: 3); out of memory and deterministic errors are not retried")
+    ap.add_argument("--tracking", default=None, metavar="tensorboard|mlflow|wandb|none",
+                    help="where each trial's parameters and metrics go, one run per trial: "
+                         "tensorboard (event files under the storage), mlflow ($MLFLOW_TRACKING_URI"
+                         ", else a file store in <results>/<grid>/mlflow), wandb (needs wandb and "
+                         "an API key or WANDB_MODE=offline), several comma-separated, or none "
+                         "(default: tensorboard)")
     ap.add_argument("--mem-fraction", default=None, metavar="F",
                     help="share of each GPU's memory JAX may use in GPU trials, set in them as "
                          "XLA_PYTHON_CLIENT_MEM_FRACTION; the memory plan is checked against it "
@@ -161,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_compile_cache(a.compile_cache)
         _check_host_malloc(a)
         a.gpu_env = _check_gpu_env(a.mem_fraction)
+        _check_tracking(a)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -200,6 +215,17 @@ def main(argv: list[str] | None = None) -> int:
              if state == "partial" else ""), flush=True)
     pending = [c for c in trial_configs if c["trial_id"] not in kept]
     return _run(grid, out, pending, kept, a)
+
+
+def _check_tracking(a) -> None:
+    """Resolve ``a.tracking`` into backends whose packages (and W&B's credentials) are there."""
+    from sweeps import tracking
+
+    try:
+        a.tracking = tracking.parse(a.tracking)
+        tracking.check(a.tracking)
+    except tracking.TrackingError as e:
+        raise GridError(str(e)) from None
 
 
 def gpu_jax_env(mem_fraction: str | float | None, environ=os.environ) -> dict[str, str]:
@@ -255,6 +281,7 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from sweeps import tracking
     from sweeps.progress import Progress, RowWriter
 
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -302,6 +329,10 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
             if c["trial_id"] in resume:
                 c["resume_from"] = resume[c["trial_id"]]
         writer = RowWriter(grid, out, kept, ray.__version__)
+        params = {t.trial_id: tracking.params(t) for t in grid.trials}
+        trackers = tracking.callbacks(a.tracking, grid.name, out, params)
+        for line in tracking.where(a.tracking, grid.name, out, storage.uri):
+            print(f"tracking: {line}", flush=True)
         trainable = tune.with_resources(train_trial, _bundle(res))
         param_space = {"trial": tune.grid_search(trial_configs)}
         # SIGTERM stops like Ctrl-C: Tune stops the trials, finished ones are already written.
@@ -316,7 +347,8 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
             run_config=tune.RunConfig(
                 name=grid.name, storage_path=storage.path, storage_filesystem=storage.fs,
                 verbose=0,
-                callbacks=[Progress(), writer, JsonLoggerCallback(), CSVLoggerCallback()],
+                callbacks=[Progress(), writer, JsonLoggerCallback(), CSVLoggerCallback(),
+                           *trackers],
                 failure_config=tune.FailureConfig(max_failures=a.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),

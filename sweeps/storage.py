@@ -3,8 +3,11 @@
 Layout under the storage root (``--storage``, default ``results/<grid>/ray``):
 ``<grid>/<trial_id>/checkpoint_NNNNNN/`` (Tune's experiment: results, checkpoints, state) and
 ``<grid>.resume/<trial_id>/`` (the checkpoint of a trial an earlier run left unfinished, carried
-over because every run of the grid is a fresh Tune experiment). The driver touches the storage
-only through this module and Ray; it never reads a worker's disk.
+over because every run of the grid is a fresh Tune experiment). A trial's TensorBoard event files
+(``<grid>/<trial_id>/events.out.tfevents.*``, ``sweeps.tracking``) outlive the experiment that
+wrote them: the next run of the grid adds its own beside them, so TensorBoard shows each trial as
+one run across continuations. The driver touches the storage only through this module and Ray; it
+never reads a worker's disk.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 MANIFEST = "manifest.json"  # as sweeps.trainable writes it (this module does not import it)
+EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard event files, kept from run to run
 
 
 class Storage:
@@ -72,10 +76,35 @@ class Storage:
                 return rel
         return None
 
+    def _drop_experiment(self, experiment: str) -> None:
+        """Delete a previous experiment except its trials' TensorBoard event files."""
+        if not self._exists(experiment):
+            return
+        base = f"{self.path}/{experiment}"
+        kept = False
+        for info in self.fs.get_file_info(pafs.FileSelector(base)):
+            if info.type != pafs.FileType.Directory:
+                self.fs.delete_file(info.path)
+                continue
+            events = False
+            for sub in self.fs.get_file_info(pafs.FileSelector(info.path)):
+                if sub.type == pafs.FileType.File and sub.base_name.startswith(EVENTS_PREFIX):
+                    events = True
+                elif sub.type == pafs.FileType.Directory:
+                    self.fs.delete_dir(sub.path)
+                else:
+                    self.fs.delete_file(sub.path)
+            if not events:
+                self.fs.delete_dir(info.path)
+            kept = kept or events
+        if not kept:
+            self.fs.delete_dir(base)
+
     def prepare_run(self, experiment: str, pending: list[str]) -> dict[str, str]:
         """Before a fresh Tune experiment: carry the newest complete checkpoint of each pending
         trial out of the previous experiment (into ``<experiment>.resume/<trial_id>``), drop the
-        previous experiment and the carried checkpoints of trials no longer pending.
+        previous experiment (all but its trials' TensorBoard event files) and the carried
+        checkpoints of trials no longer pending.
 
         Returns: trial id -> the URI of the checkpoint it resumes from (pending trials only).
         """
@@ -91,7 +120,7 @@ class Storage:
             else:
                 pafs.copy_files(f"{self.path}/{rel}", f"{self.path}/{resume}/{tid}",
                                 source_filesystem=self.fs, destination_filesystem=self.fs)
-        self._delete(experiment)
+        self._drop_experiment(experiment)
         out = {}
         if self._exists(resume):
             for info in self.fs.get_file_info(pafs.FileSelector(f"{self.path}/{resume}")):

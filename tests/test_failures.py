@@ -71,16 +71,21 @@ def test_summary_names_the_kind_of_a_failure():
 OOM = MICRO.replace("rho: [1.0, 0.6]", "rho: [1.0]").replace("batch_size: 4", "batch_size: 1048576")
 
 
-def test_out_of_memory_trial_fails_once_with_its_reason(corpus, tmp_path, ray_env, capsys):  # noqa: F811
+def test_out_of_memory_trial_fails_once_with_its_reason(corpus, tmp_path, ray_env, capsys,  # noqa: F811
+                                                        monkeypatch):
     """One evaluation batch of 2^20 sequences needs a 64 GiB logits buffer: XLA's CPU client
     cannot allocate it and raises RESOURCE_EXHAUSTED. The trial ends at once (Tune would
-    otherwise start it 1 + max-failures = 4 times)."""
+    otherwise start it 1 + max-failures = 4 times), and its tracked run ends as failed."""
     from sweeps.run import main
+    from tests.test_tracking import tensorboard_run
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     grid = tmp_path / "oom.yaml"
     grid.write_text(OOM.format(corpus=corpus).replace("name: micro", "name: oom"))
     results = tmp_path / "results"
-    rc = main([str(grid), "--results", str(results), "--num-cpus", "2", "--max-failures", "3"])
+    rc = main([str(grid), "--results", str(results), "--num-cpus", "2", "--max-failures", "3",
+               "--tracking", "tensorboard,mlflow"])
     log = capsys.readouterr()
     assert rc == 1, log
     assert log.out.count("[rho1.00-s0] started") == 1, log.out  # one attempt
@@ -94,3 +99,12 @@ def test_out_of_memory_trial_fails_once_with_its_reason(corpus, tmp_path, ray_en
     assert "not finished: rho1.00-s0 (error: out of memory" in log.err
     readme = (results / "oom" / "README.md").read_text()
     assert "error (out of memory)" in readme and "- `rho1.00-s0` error: out of memory" in readme
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.plugins.hparams import api_pb2
+
+    client = MlflowClient(tracking_uri=(results / "oom" / "mlflow").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("oom").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["error"] == row["error"]
+    _, hparams, status = tensorboard_run(results / "oom" / "ray" / "oom" / "rho1.00-s0")
+    assert status == api_pb2.STATUS_FAILURE and hparams["batch_size"] == 1048576

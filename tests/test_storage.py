@@ -77,6 +77,30 @@ def test_prepare_run_carries_the_newest_complete_checkpoint_of_unfinished_trials
     assert not (root / "g.resume" / "a").exists()
 
 
+@pytest.mark.parametrize("uri", [False, True])
+def test_prepare_run_keeps_the_tensorboard_event_files_of_every_trial(tmp_path, uri):
+    """A continued grid is a fresh Tune experiment: the previous one goes, all but its trials'
+    event files, which the next run's files join (one TensorBoard run per trial)."""
+    root = tmp_path / "storage"
+    src = _trial_dir(tmp_path, 2)
+    _persist(root, "g", "a", 0, src, 2)  # unfinished, with events
+    (root / "g" / "a" / "events.out.tfevents.1.host").write_bytes(b"ev-a")
+    (root / "g" / "a" / "result.json").write_text("{}")
+    (root / "g" / "b").mkdir(parents=True)  # finished in runs.csv: its events stay too
+    (root / "g" / "b" / "events.out.tfevents.2.host").write_bytes(b"ev-b")
+    (root / "g" / "c").mkdir()  # no events: gone
+    (root / "g" / "experiment_state-x.json").write_text("{}")
+    st = Storage(root.as_uri() if uri else root)
+
+    resume = st.prepare_run("g", ["a"])
+    assert set(resume) == {"a"}
+    left = sorted(str(p.relative_to(root / "g")) for p in (root / "g").rglob("*"))
+    assert left == ["a", "a/events.out.tfevents.1.host", "b", "b/events.out.tfevents.2.host"]
+    assert st.latest_checkpoint("g", "a") is None  # nothing of Tune's experiment is left
+    st.delete("g")  # --force: everything goes
+    assert not (root / "g").exists() and not (root / "g.resume").exists()
+
+
 def test_storage_takes_paths_and_uris(tmp_path):
     local = Storage(tmp_path / "s")
     assert local.local and local.uri == str(tmp_path / "s")

@@ -214,6 +214,9 @@ def test_micro_grid_runs_on_ray_and_refuses_to_overwrite(corpus, tmp_path, ray_e
     for r in rows:
         (ckpt,) = (out / "ray" / "micro" / r["trial_id"]).glob("checkpoint_*")
         assert json.loads((ckpt / "record.json").read_text())["val_loss"] == float(r["val_loss"])
+        # default tracking: TensorBoard event files beside them (tests/test_tracking.py reads them)
+        assert list((out / "ray" / "micro" / r["trial_id"]).glob("events.out.tfevents.*"))
+    assert "tracking: TensorBoard: tensorboard --logdir" in log.out
 
     before = _snapshot(out)
     assert main([str(grid), "--results", str(results)]) == 3
@@ -261,6 +264,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(corpus, tmp
     assert "[rho1.00-s0] step 1 " not in second.stdout
     for tid in ("rho1.00-s0", "rho0.60-s0"):
         assert (results / "micro" / "curves" / f"{tid}.csv").exists()
+    # Both trials keep their TensorBoard event files across the continuation, the finished one's
+    # from the first run; the resumed one's events of both runs lie in one directory.
+    from tests.test_tracking import tensorboard_run
+
+    for tid in ("rho1.00-s0", "rho0.60-s0"):
+        scalars, _, _ = tensorboard_run(results / "micro" / "ray" / "micro" / tid)
+        assert max(step for step, _ in scalars["ray/tune/train_loss"]) == 4, tid
 
 
 def test_hard_killed_grid_continues_on_a_fresh_checkout(corpus, tmp_path, ray_env):
