@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-STAMP    = $(VENV)/.installed-$(ACCEL)
+STAMP    = $(VENV)/.installed-$(ACCEL)-torch-$(TORCH)
 GRID    ?= sweeps/grids/smoke.yaml
 RESULTS ?= results
 FORCE   ?= 0
@@ -24,18 +24,32 @@ JAX_REQ := $(JAX_REQ_$(ACCEL))
 ifeq ($(filter $(ACCEL),cpu cuda tpu),)
 $(error ACCEL must be cpu, cuda or tpu, got '$(ACCEL)')
 endif
+# torch is only for the parity tests (tests/test_torch_parity.py). TORCH=pypi: the pinned version
+# from the package index (on the development machines pip finds the CPU build there); TORCH=cpu:
+# PyTorch's CPU build from its own CPU wheel index; TORCH=none: no torch (the parity tests skip,
+# saying why). With ACCEL=cuda or tpu the default is none: PyPI's torch for Linux is a CUDA build,
+# gigabytes of CUDA libraries of its own that may clash with those of jax[cuda12].
+TORCH   ?= $(if $(filter cpu,$(ACCEL)),pypi,none)
+TORCH_VERSION := 2.13.0
+TORCH_INSTALL_pypi := $(VPY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+TORCH_INSTALL_cpu  := $(VPY) -m pip install --quiet --index-url https://download.pytorch.org/whl/cpu "torch==$(TORCH_VERSION)"
+TORCH_INSTALL_none := @echo "torch: not installed (TORCH=none, the default with ACCEL=cuda or tpu): the parity tests skip; make setup TORCH=cpu installs PyTorch's CPU build"
+ifeq ($(filter $(TORCH),pypi cpu none),)
+$(error TORCH must be pypi, cpu or none, got '$(TORCH)')
+endif
+comma   := ,
+EXTRAS  := sweep,tracking,analysis,notebooks,test$(if $(filter none,$(TORCH)),,$(comma)parity)
 
 .PHONY: setup test test-all sweep plots fit readme bench contracts lint clean
 
 setup: $(STAMP)
 
-# torch is pinned to the CPU build that `pip` finds locally on the development machines; an
-# unpinned torch would pull a multi-GB CUDA build just for the parity test.
+# torch first (TORCH above), so that the parity extra finds it installed and pulls no other build.
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet "torch==2.13.0"
-	$(VPY) -m pip install --quiet -e ".[sweep,tracking,analysis,notebooks,parity,test]"
+	$(TORCH_INSTALL_$(TORCH))
+	$(VPY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(if $(JAX_REQ),$(VPY) -m pip install --quiet "$(JAX_REQ)",@echo "JAX: CPU build (ACCEL=cpu)")
 	touch $(STAMP)
 

@@ -1,5 +1,6 @@
 """Accelerators without manual steps: which JAX build ``make setup`` chooses (a stub ``nvidia-smi``
-on PATH, ``make -n``: nothing is installed), and how a grid's resources map onto a Ray cluster
+on PATH, ``make -n``: nothing is installed) and that it pulls no CUDA torch onto a GPU machine
+(the parity tests skip there, saying why), and how a grid's resources map onto a Ray cluster
 with GPUs or TPUs (one device per trial, as many trials at once as devices)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,54 @@ def test_make_setup_installs_cuda_jax_when_nvidia_smi_lists_a_gpu(tmp_path):
     assert '"jax[tpu]>=0.6,<0.13"' in _setup_commands(tmp_path, None, "ACCEL=tpu")
     # the stamp names the build, so switching ACCEL installs again
     assert ".installed-cuda" in _setup_commands(tmp_path, 1)
+
+
+def _pip_lines(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if "pip install" in ln and "--upgrade pip" not in ln]
+
+
+@pytestmark_make
+def test_make_setup_pulls_no_cuda_torch_onto_a_gpu_machine(tmp_path):
+    """torch is only for the parity tests: on the CPU the pinned version from the package index
+    (with the parity extra); with a GPU (stub nvidia-smi) none by default, the parity extra left
+    out so that nothing pulls PyPI's CUDA torch, and its parity tests skip; TORCH=cpu installs
+    PyTorch's CPU build from its CPU index."""
+    cpu = _setup_commands(tmp_path, None)
+    assert _pip_lines(cpu)[0].endswith('pip install --quiet "torch==2.13.0"')
+    assert '-e ".[sweep,tracking,analysis,notebooks,test,parity]"' in cpu
+
+    gpu = _setup_commands(tmp_path, 1)
+    pips = "\n".join(_pip_lines(gpu))
+    assert "torch" not in pips and "parity" not in pips
+    assert '-e ".[sweep,tracking,analysis,notebooks,test]"' in gpu
+    assert "torch: not installed (TORCH=none" in gpu and "make setup TORCH=cpu" in gpu
+    assert '"jax[cuda12]>=0.6,<0.13"' in gpu and ".installed-cuda-torch-none" in gpu
+    assert "torch" not in "\n".join(_pip_lines(_setup_commands(tmp_path, None, "ACCEL=tpu")))
+
+    cpu_torch = _setup_commands(tmp_path, 1, "TORCH=cpu")
+    (torch_line,) = [ln for ln in _pip_lines(cpu_torch) if "torch==" in ln]
+    assert torch_line.endswith('--index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"')
+    assert ",parity]" in cpu_torch and ".installed-cuda-torch-cpu" in cpu_torch
+    none = "\n".join(_pip_lines(_setup_commands(tmp_path, None, "TORCH=none")))
+    assert "torch" not in none and "parity" not in none
+    r = subprocess.run(["make", "-n", "setup", "TORCH=cuda", f"VENV={tmp_path / 'v'}"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "TORCH must be pypi, cpu or none" in r.stderr
+
+
+def test_parity_tests_skip_with_a_message_where_torch_is_absent(tmp_path):
+    """As on a GPU machine set up without torch: a ``torch`` that cannot be imported."""
+    fake = tmp_path / "no-torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", "
+                                      "name='torch')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(REPO)])}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        "tests/test_torch_parity.py"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode in (0, 5), r.stdout + r.stderr  # 5: no test ran (the module skipped)
+    assert "1 skipped" in r.stdout and "torch is not installed: make setup leaves it out" in r.stdout
+    assert "make setup TORCH=cpu" in r.stdout
 
 
 @pytestmark_make

@@ -46,7 +46,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+# `make setup` installs no torch on a GPU or TPU machine (PyPI's Linux torch is a CUDA build whose
+# libraries may clash with jax[cuda12]'s); TORCH=cpu installs PyTorch's CPU build for these tests.
+TORCH_MISSING = ("torch is not installed: make setup leaves it out on GPU and TPU machines "
+                 "(ACCEL=cuda or tpu), where PyPI's torch is a CUDA build; `make setup TORCH=cpu` "
+                 "installs PyTorch's CPU build for the parity tests")
+torch = pytest.importorskip("torch", reason=TORCH_MISSING)
 nn = torch.nn
 F = torch.nn.functional
 
