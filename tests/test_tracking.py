@@ -242,3 +242,57 @@ def test_micro_grid_tracked_by_tensorboard_mlflow_and_wandb(corpus, tmp_path, ra
     assert _same([(s, history[s]["train_loss"]) for s in (1, 2, 3, 4)], train)
     assert _same([(s, history[s]["val_loss"]) for s in (2, 4)], val)
     assert (out / ".gitignore").read_text().splitlines()[1:] == ["ray/", "mlflow/", "wandb/"]
+
+
+class _Trial:
+    """What the callbacks read of a Tune trial."""
+
+    def __init__(self, tid: str):
+        self.config = {"trial": {"trial_id": tid}}
+
+    def __str__(self):
+        return self.config["trial"]["trial_id"]
+
+
+def test_mlflow_run_of_a_trial_continues_across_runs_of_the_grid(tmp_path, monkeypatch):
+    """An interrupted run is marked KILLED; the next run of the grid logs into it again (one run
+    per trial) and ends it FINISHED; a final error ends a run FAILED with its reason."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.trackers import MLflowTracking
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlflow").as_uri()
+    params = {"a": {"trial_id": "a", "rho": 0.8, "seed": 0}, "b": {"trial_id": "b", "rho": 0.6}}
+
+    def callback():
+        cb = MLflowTracking(params, tracking_uri=uri, experiment_name="g")
+        cb.setup()
+        return cb
+
+    first, a, b = callback(), _Trial("a"), _Trial("b")
+    for trial in (a, b):
+        first.log_trial_start(trial)
+    first.log_trial_result(1, a, {"step": 1, "train_loss": 5.0, "training_iteration": 1})
+    first.log_trial_result(1, b, {"step": 1, "train_loss": 6.0})
+    first.log_trial_result(2, b, {"done_record": 0, "error": "out of memory: JaxRuntimeError: x"})
+    first.log_trial_end(b)
+    first.on_experiment_end([a, b])  # interrupted while a trains
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("g").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([exp])}
+    assert runs["a"].info.status == "KILLED"
+    assert runs["b"].info.status == "FAILED"
+    assert runs["b"].data.tags["error"] == "out of memory: JaxRuntimeError: x"
+
+    second, a2 = callback(), _Trial("a")  # the grid continued: a fresh Tune trial for a
+    second.log_trial_start(a2)
+    second.log_trial_result(1, a2, {"step": 2, "train_loss": 4.0, "val_loss": 4.5})
+    second.log_trial_end(a2)
+    (run,) = client.search_runs([exp], filter_string="tags.trial_id = 'a'")
+    assert run.info.run_id == runs["a"].info.run_id and run.info.status == "FINISHED"
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(history) == [(1, 5.0), (2, 4.0)]
+    assert run.data.params == {"trial_id": "a", "rho": "0.8", "seed": "0"}
+    assert "training_iteration" not in run.data.metrics
