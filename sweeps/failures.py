@@ -58,7 +58,7 @@ def final_error(exc: BaseException, *, batch_size: int | None = None) -> str | N
     memory``, ``TrainingDiverged`` or the exception's class name.
     """
     if is_out_of_memory(exc):
-        hint = f" at batch_size {batch_size}" if batch_size else ""
+        hint = f" (batch_size {batch_size})" if batch_size else ""
         return (f"out of memory: {type(exc).__name__}: {_first_line(exc)}{hint}; not retried (it "
                 "would run out again: lower batch_size or seq_len, or use a larger device)")
     if is_transient(exc):

@@ -124,7 +124,7 @@ def train_trial(config: dict) -> None:
         if reason is None:
             raise
         traceback.print_exc()
-        print(f"[{tid}] failed, not retried: {reason}", file=sys.stderr, flush=True)
+        print(f"[{tid}] failed: {reason}", file=sys.stderr, flush=True)
         tune.report({"done_record": 0, "error": reason})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -31,7 +31,7 @@ def test_out_of_memory_is_final_and_named():
                           "BFC allocator stats: ...")
     reason = final_error(xla, batch_size=4096)
     assert reason.startswith("out of memory: JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory "
-                             "allocating 68719476736 bytes. at batch_size 4096; not retried")
+                             "allocating 68719476736 bytes. (batch_size 4096); not retried")
     assert "BFC" not in reason and error_kind(reason) == "out of memory"
     assert error_kind(final_error(MemoryError("Unable to allocate 64.0 GiB"))) == "out of memory"
     gpu = JaxRuntimeError("INTERNAL: Failed to launch: CUDA_ERROR_OUT_OF_MEMORY: out of memory")
@@ -94,7 +94,7 @@ def test_out_of_memory_trial_fails_once_with_its_reason(corpus, tmp_path, ray_en
         (row,) = list(csv.DictReader(f))
     assert row["status"] == "error"
     assert row["error"].startswith("out of memory: JaxRuntimeError: RESOURCE_EXHAUSTED"), row
-    assert "at batch_size 1048576; not retried" in row["error"]
+    assert "(batch_size 1048576); not retried" in row["error"]
     assert "| rho1.00-s0 | 1.00 | 0 | - | - | - | error (out of memory) |" in log.out
     assert "not finished: rho1.00-s0 (error: out of memory" in log.err
     readme = (results / "oom" / "README.md").read_text()
