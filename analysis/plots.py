@@ -2,12 +2,20 @@
 
 The backend is left to the caller (the CLI picks Agg; notebooks use inline). Every figure is
 written as PDF (for the paper) and PNG (for a quick look) by :func:`save`;
-:func:`make_all` regenerates all of them from every ``results/<grid>/runs.csv`` (``make plots``).
+:func:`make_all` regenerates all of them from every ``results/<grid>/runs.csv`` (``make plots``),
+following :func:`plan`, which lists them without drawing.
+
+Figures are byte-stable (docs/design.md section 10): :func:`save` writes no time stamps and snaps
+every drawn line and band to six significant digits, far below a pixel, so that fits differing in
+their last digits draw the same pixels; bootstrap bands use fixed seeds.
 """
 
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib import ticker
+from matplotlib.collections import PolyCollection
 
 from analysis import load, style
 from analysis.fit import fit_power_law, fit_u_curve
@@ -178,6 +187,21 @@ def plot_memory(df: pd.DataFrame, *, n_boot: int = 500, seed: int = 0) -> plt.Fi
     return fig
 
 
+def _curve_data(runs: pd.DataFrame, curves: pd.DataFrame):
+    """The evaluated curve points joined to their setting, the setting's column, the memory
+    column (None for rho) and the settings' values; None when there is nothing to draw."""
+    mem = load.memory_column(runs) if load.is_memory_grid(runs) else None
+    key = mem or "rho"
+    c = curves.dropna(subset=["val_loss", "tokens"])
+    c = c.merge(runs[["trial_id", "budget", key]], on="trial_id")
+    if c.empty:
+        return None
+    vals = np.sort(runs[key].dropna().unique())
+    if not len(vals):  # no rho or memory size to colour by (the multi-branch ablation)
+        return None
+    return c, key, mem, vals
+
+
 def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> plt.Figure | None:
     """Figure (c): validation loss against tokens, one colour per rho (or memory size).
 
@@ -186,15 +210,11 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> plt.Figure | None:
     Returns:
         The figure, or None when the grid has no evaluated curve points.
     """
-    mem = load.memory_column(runs) if load.is_memory_grid(runs) else None
-    key, label = (mem, "Engram slots") if mem else ("rho", r"$\rho$")
-    c = curves.dropna(subset=["val_loss", "tokens"])
-    c = c.merge(runs[["trial_id", "budget", key]], on="trial_id")
-    if c.empty:
+    cd = _curve_data(runs, curves)
+    if cd is None:
         return None
-    vals = np.sort(runs[key].dropna().unique())
-    if not len(vals):  # no rho or memory size to colour by (the multi-branch ablation)
-        return None
+    c, key, mem, vals = cd
+    label = "Engram slots" if mem else r"$\rho$"
     pos = vals[vals > 0]
     if mem:
         norm = matplotlib.colors.LogNorm(pos.min(), max(pos.max(), pos.min() * 1.01))
@@ -274,16 +294,146 @@ def plot_ablation(runs: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+FORMATS = ("pdf", "png")
+# What a format's writer would otherwise stamp with the time of writing (the PNG writer adds none).
+NO_TIMESTAMP = {"pdf": {"CreationDate": None}, "png": {}}
+SIGNIFICANT_DIGITS = 6  # 1e-5 of a loss of 2: a tenth of a pixel or less on these axes
+
+
+def _significant(a: np.ndarray, digits: int = SIGNIFICANT_DIGITS) -> np.ndarray:
+    """Rounds to ``digits`` significant digits; zeros and non-finite values stay as they are."""
+    a = np.asarray(a, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(np.isfinite(a) & (a != 0), np.floor(np.log10(np.abs(a))), 0.0)
+    scale = 10.0 ** (digits - 1 - mag)
+    return np.where(np.isfinite(a), np.round(a * scale) / scale, a)
+
+
+def _snap(fig: plt.Figure) -> None:
+    """Rounds the data of every line and filled area to the precision a figure can show, so that
+    fits differing in their last digits (another CPU's rounding) draw the same pixels."""
+    for ax in fig.axes:
+        if getattr(ax, "_colorbar", None) is None:  # a colorbar's limits are its norm's, exact
+            # The limits autoscaled from the unrounded data, rounded alike: they fix every
+            # coordinate the files hold (a PDF prints them to ten decimals).
+            ax.set_xlim(*_significant(ax.get_xlim()))
+            ax.set_ylim(*_significant(ax.get_ylim()))
+        for line in ax.get_lines():
+            x, y = (np.asarray(v) for v in line.get_data(orig=True))
+            line.set_data(*(_significant(v) if v.dtype.kind == "f" else v for v in (x, y)))
+        for coll in ax.collections:
+            if isinstance(coll, PolyCollection):  # fill_between's bands
+                for path in coll.get_paths():
+                    path.vertices = _significant(path.vertices)
+
+
 def save(fig: plt.Figure, out_dir: str | Path, stem: str) -> list[Path]:
-    """Writes ``<stem>.pdf`` and ``<stem>.png`` under out_dir and closes the figure."""
+    """Writes ``<stem>.pdf`` and ``<stem>.png`` under out_dir and closes the figure.
+
+    The files carry no time stamp and the drawn data are snapped (:func:`_snap`), so the same
+    figure gives the same bytes on every run.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.pdf", out / f"{stem}.png"]
+    _snap(fig)
+    paths = [out / f"{stem}.{fmt}" for fmt in FORMATS]
     with style.context():
-        for p in paths:
-            fig.savefig(p)
+        for p, fmt in zip(paths, FORMATS):
+            fig.savefig(p, metadata=NO_TIMESTAMP[fmt])
     plt.close(fig)
     return paths
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One figure of :func:`plan`: its file stem and the call that draws it."""
+
+    stem: str
+    draw: Callable[[], plt.Figure]
+
+    def files(self) -> list[str]:
+        return [f"{self.stem}.{fmt}" for fmt in FORMATS]
+
+
+def plan(results: str | Path = "results", *, n_boot: int = 1000,
+         grids: Sequence[str] | None = None) -> list[Planned]:
+    """Every figure :func:`make_all` writes for a results root, in order, without drawing any.
+
+    Args:
+        results: the results root. n_boot: bootstrap replicates of the U-curve fits.
+        grids: only these grid names (default: every ``<results>/<grid>/runs.csv``).
+
+    Returns:
+        One :class:`Planned` per figure; each is drawn by calling its ``draw``.
+
+    Raises:
+        load.ResultsError: a runs.csv is malformed.
+    """
+    out: list[Planned] = []
+    alloc: list[pd.DataFrame] = []
+    loaded: dict[str, pd.DataFrame] = {}
+    for gdir in load.find_grids(results):
+        if grids is not None and gdir.name not in grids:
+            continue
+        runs = load.load_runs(gdir)
+        if runs.empty:
+            continue
+        name = gdir.name
+        loaded[name] = runs
+        key = load.setting_sweep_key(runs)
+        if key is not None:
+            out.append(Planned(f"{name}_{key.split('.')[-1]}", partial(plot_setting_sweep, runs, key)))
+        elif load.is_memory_grid(runs):  # implies a memory column, so plot_memory draws
+            out.append(Planned(f"{name}_memory_scaling",
+                               partial(plot_memory, runs, n_boot=min(n_boot, 500))))
+        elif load.is_variant_grid(name) and runs["rho"].nunique() < 2:
+            out.append(Planned(f"{name}_arms", partial(plot_ablation, runs)))  # not a curve in rho
+        else:
+            out.append(Planned(f"{name}_allocation", partial(plot_allocation, runs, n_boot=n_boot)))
+        curves = load.load_curves(gdir)
+        if _curve_data(runs, curves) is not None:
+            out.append(Planned(f"{name}_curves", partial(plot_curves, runs, curves)))
+        if load.is_allocation_grid(runs) and not load.is_variant_grid(name):
+            alloc.append(runs)
+    # A budget run in several grids (e.g. seed replicates in a grid of their own) also gets one
+    # figure with every seed pooled, which is the one to read for the optimum and its interval.
+    if alloc:
+        pooled = pd.concat(alloc, ignore_index=True)
+        for budget, d in pooled.groupby("budget"):
+            if d["grid"].nunique() > 1:
+                out.append(Planned(f"{budget}_allocation_pooled",
+                                   partial(plot_allocation, d, n_boot=n_boot)))
+        from analysis.ladder import LADDER
+
+        ladder = pooled[pooled["budget"].isin(LADDER)]
+        if not ladder.empty:  # the paper's figure: every ladder budget's curve on one axes
+            out.append(Planned("ladder", partial(_ladder_figure, ladder, n_boot)))
+    # Engram against OverEncoding, per budget that has both arms (analysis.paper).
+    for name in loaded:
+        budget = name.removeprefix("memory-engram-")
+        if name.startswith("memory-engram-") and f"memory-overencoding-{budget}" in loaded:
+            out.append(Planned(f"memory-engram-vs-overencoding-{budget}",
+                               partial(_memory_comparison_figure, results, budget,
+                                       min(n_boot, 500))))
+    return out
+
+
+def _ladder_figure(ladder: pd.DataFrame, n_boot: int) -> plt.Figure:
+    from analysis.ladder import ladder_report, plot_ladder
+
+    return plot_ladder(ladder, ladder_report(ladder, n_boot=n_boot))
+
+
+def _memory_comparison_figure(results: str | Path, budget: str, n_boot: int) -> plt.Figure:
+    from analysis.paper import memory_comparison, plot_memory_comparison
+
+    return plot_memory_comparison(memory_comparison(results, budget, n_boot=n_boot))
+
+
+def figure_files(results: str | Path = "results", *, grids: Sequence[str] | None = None
+                 ) -> list[str]:
+    """The file names :func:`make_all` writes for a results root (the dry run of ``make plots``)."""
+    return [f for p in plan(results, grids=grids) for f in p.files()]
 
 
 def make_all(results: str | Path = "results", out: str | Path | None = None, *,
@@ -302,41 +452,10 @@ def make_all(results: str | Path = "results", out: str | Path | None = None, *,
     """
     out = Path(results) / "figures" if out is None else Path(out)
     written: list[Path] = []
-    alloc: list[pd.DataFrame] = []
-    for gdir in load.find_grids(results):
-        runs = load.load_runs(gdir)
-        if runs.empty:
-            continue
-        name = gdir.name
-        key = load.setting_sweep_key(runs)
-        if key is not None:
-            written += save(plot_setting_sweep(runs, key), out, f"{name}_{key.split('.')[-1]}")
-        elif load.is_memory_grid(runs):
-            fig = plot_memory(runs, n_boot=min(n_boot, 500))
-            if fig is not None:
-                written += save(fig, out, f"{name}_memory_scaling")
-        elif load.is_variant_grid(name) and runs["rho"].nunique() < 2:
-            written += save(plot_ablation(runs), out, f"{name}_arms")  # not a curve in rho
-        else:
-            written += save(plot_allocation(runs, n_boot=n_boot), out, f"{name}_allocation")
-        fig = plot_curves(runs, load.load_curves(gdir))
-        if fig is not None:
-            written += save(fig, out, f"{name}_curves")
-        if load.is_allocation_grid(runs) and not load.is_variant_grid(name):
-            alloc.append(runs)
-    # A budget run in several grids (e.g. seed replicates in a grid of their own) also gets one
-    # figure with every seed pooled, which is the one to read for the optimum and its interval.
-    if alloc:
-        pooled = pd.concat(alloc, ignore_index=True)
-        for budget, d in pooled.groupby("budget"):
-            if d["grid"].nunique() > 1:
-                written += save(plot_allocation(d, n_boot=n_boot), out, f"{budget}_allocation_pooled")
-        from analysis.ladder import LADDER, ladder_report, plot_ladder
-
-        ladder = pooled[pooled["budget"].isin(LADDER)]
-        if not ladder.empty:  # the paper's figure: every ladder budget's curve on one axes
-            written += save(plot_ladder(ladder, ladder_report(ladder, n_boot=n_boot)), out, "ladder")
-    from analysis.paper import make_figures  # Engram against OverEncoding, per budget
-
-    written += make_figures(results, out, n_boot=min(n_boot, 500))
+    for p in plan(results, n_boot=n_boot):
+        fig = p.draw()
+        if fig is None:
+            raise RuntimeError(f"{p.stem}: planned, but its plot drew nothing; make plan() "
+                               "skip it")
+        written += save(fig, out, p.stem)
     return written
