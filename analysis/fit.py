@@ -1,4 +1,4 @@
-"""Pure fitters for the paper's sparsity-allocation curve (engram-paper.md section 2).
+"""Pure fitters for the paper's sparsity-allocation curve (docs/paper.md section 2).
 
 The paper reports validation loss against rho (share of sparse parameters kept in routed experts)
 as U-shaped with its optimum near rho 0.75-0.8, from one run per point and no fitted curve. Real
@@ -37,8 +37,8 @@ wide (0.2-0.3 in rho at noise 0.002-0.005): that is what three seeds on a 0.1 gr
 the shape of the curve is not assumed. With one run per x the noise comes from a fitted curve's
 few residual dof and the shape test is weak; that setting is not calibrated.
 
-The power-law fitter for memory scaling (section 3) lives in :mod:`analysis.powerlaw` and is
-re-exported here.
+The power-law fitter for memory scaling (docs/paper.md section 3) lives in
+:mod:`analysis.powerlaw` and is re-exported here.
 """
 
 from __future__ import annotations

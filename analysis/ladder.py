@@ -1,6 +1,6 @@
 """The budget ladder's answers: how the allocation curve and its optimum move with compute.
 
-engram-paper.md section 2 measures the allocation curve at two budgets (2e20 and 6e20 FLOPs) and
+docs/paper.md section 2 measures the allocation curve at two budgets (2e20 and 6e20 FLOPs) and
 calls the optimum "stable". Here, for every budget of a ladder of allocation grids:
 
 * ``rho*`` with its interval from :func:`analysis.fit.fit_u_curve`, or its plain answer "no
@@ -36,7 +36,7 @@ import pandas as pd
 from analysis.fit import fit_optimum_vs_compute, fit_u_curve
 from analysis.report import ci, decimals, est
 
-# The paper's gains of the best rho over rho = 1 (engram-paper.md section 2): 1.7248 -> 1.7109 at
+# The paper's gains of the best rho over rho = 1 (docs/paper.md section 2.4): 1.7248 -> 1.7109 at
 # 6e20 [paper, text]; ~1.829 -> ~1.8155 at 2e20 [read off the figure].
 PAPER_GAINS = {2e20: 1.829 - 1.8155, 6e20: 1.7248 - 1.7109}
 # The paper-regime CPU ladder (engram_jax.allocation.BUDGETS), smallest compute first.

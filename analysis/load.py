@@ -1,8 +1,8 @@
 """Load the sweep runner's result tables: ``results/<grid>/runs.csv`` and per-trial curves.
 
-The runner writes one row per trial (see design.md, "Results records"). Older files may lack some
-columns and newer ones may add columns, so only a small core is required and everything else is
-carried through untouched.
+The runner writes one row per trial (docs/design.md section 6 (Results records)). Older files may
+lack some columns and newer ones may add columns, so only a small core is required and everything
+else is carried through untouched.
 """
 
 from __future__ import annotations

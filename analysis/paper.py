@@ -1,6 +1,6 @@
 """The paper's comparisons beyond the allocation curve, at one CPU budget of the ladder.
 
-engram-paper.md sections 3 and 4, each from committed grids named by convention
+docs/paper.md sections 3 and 4, each from committed grids named by convention
 (``results/<kind>-<budget>[-<change>]``):
 
 * **Engram against OverEncoding** (``memory-engram-<b>``, ``memory-overencoding-<b>``): loss
@@ -235,7 +235,7 @@ class Ablation:
     reference: str = "reference"
 
 
-# The paper (engram-paper.md section 4): removing, in order of harm, per-branch gating on the
+# The paper (docs/paper.md section 4): removing, in order of harm, per-branch gating on the
 # multi-branch backbone (largest), token compression, the context-aware gate (each large), the
 # short convolution (marginal); 4-grams at a fixed table budget slightly worse; the first layer
 # worse than the second (the gate's query has seen no attention); two layers slightly better than

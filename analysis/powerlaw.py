@@ -1,4 +1,4 @@
-"""Saturating power law ``L = E + A x^-alpha`` for loss against Engram memory (paper section 3).
+"""Saturating power law ``L = E + A x^-alpha``, loss against memory (docs/paper.md section 3).
 
 The paper shows validation loss falling as a straight line in log-log against Engram slots
 (~ -0.028 per 10x slots at a fixed MoE backbone). Fitting the three-parameter law on log L with a

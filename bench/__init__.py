@@ -6,6 +6,7 @@ train step, attention, MoE vs dense FFN, Engram gather/scatter vs ceilings, inpu
 grids end to end), ``breakdown.py`` (a CPU step's sublayers compiled alone), ``profile.py`` (a
 CPU step's time per model part from XLA's trace), ``cli.py`` (their shared arguments), ``run.py``
 (sizes, CLI).
-Method (shared/gpu README): count FLOPs and bytes first, warm up, ``jax.block_until_ready``,
-medians of repeats, inputs passed as jit arguments, never timed on all-zero inputs.
+Method, as in docs/design.md section 9 (Planning figures): count FLOPs and bytes first, warm up,
+``jax.block_until_ready``, medians of repeats, inputs passed as jit arguments, never timed on
+all-zero inputs.
 """

@@ -1,6 +1,6 @@
 """The sparsity-allocation solver: (pure MoE base, rho) -> iso-parameter MoE + Engram hybrid.
 
-Implements engram-paper.md section 2. The sparse budget P_sparse = P_tot - P_act of a pure MoE base
+Implements docs/paper.md section 2. The sparse budget P_sparse = P_tot - P_act of a pure MoE base
 is split between routed experts (share rho) and Engram table rows (share 1 - rho). Lowering rho keeps
 top-k, shared experts, attention and dense parts and removes whole routed experts,
 
@@ -59,7 +59,7 @@ def n_routed_for(base: ModelConfig, rho: float) -> int:
 def default_engram(base: ModelConfig) -> EngramConfig:
     """The Engram plan used when ``allocate`` gets none: placement, heads and head width.
 
-    Placement follows the paper (engram-paper.md section 1, "Placement": layer 2, and layers 2 and 6
+    Placement follows the paper (docs/paper.md section 1.6 (Placement): layer 2, and layers 2 and 6
     of a 12-layer model, 0-indexed 1 and 5): layer 1 for models of up to 4 layers (layer 0 when
     there is only one), layers 1 and L // 2 - 1 for deeper ones. Orders 2..3 (the paper's N = 3),
     2 heads per order below d_model 256 and 4 from there. ``d_head`` is the largest power of two
@@ -313,7 +313,7 @@ BUDGETS: dict[str, Budget] = {
 
 
 # Planning figures for budget_ladder(). GPU: H100 bf16 dense peak measured at 664 TFLOP/s
-# (gpu/README.md) at an assumed 30% MFU: an estimate, not a measurement. CPU: a trial's throughput
+# (docs/design.md section 9) at an assumed 30% MFU: an estimate, not a measurement. CPU: a trial's throughput
 # measured on the 2-core development machine (Budget.cpu_tokens_per_s).
 H100_PEAK_FLOPS = 664e12
 ASSUMED_MFU = 0.30

@@ -1,9 +1,9 @@
 """Batches from a flat token stream: seeded random train windows and fixed eval windows.
 
-The last host-side step of design.md's data flow: "seeded random windows [B, T+1] -> on the host:
-compressed ids -> n-gram hash ids for each Engram layer [B, T, G]". Hash ids are computed in a
-background thread so that hashing overlaps the device step (engram-paper.md section 1: addressing
-is deterministic from token ids, so it can be prefetched).
+The last host-side step of the data flow of docs/design.md section 2: "seeded random windows
+[B, T+1] -> on the host: compressed ids -> n-gram hash ids for each Engram layer [B, T, G]". Hash
+ids are computed in a background thread so that hashing overlaps the device step (docs/paper.md
+section 1.2: addressing is deterministic from token ids, so it can be prefetched).
 
 A batch is ``{"tokens": int32 [B, T+1], "hash_ids": {layer_id: int32 [B, T, G]}}``; the model reads
 ``tokens[:, :T]``, the loss targets are ``tokens[:, 1:]``, and hash ids belong to the inputs.

@@ -1,7 +1,7 @@
 """Frozen model and training configs, and named presets.
 
 One ``ModelConfig`` per model, with nested ``MoEConfig`` (DeepSeekMoE: shared + fine-grained routed
-experts) and ``EngramConfig`` (engram-paper.md section 1). Change configs with
+experts) and ``EngramConfig`` (docs/paper.md section 1). Change configs with
 ``dataclasses.replace`` or ``with_overrides``; counts come from ``counting.py``.
 """
 
@@ -58,7 +58,7 @@ class MoEConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EngramConfig:
-    """Engram modules (hashed n-gram memory), engram-paper.md section 1.
+    """Engram modules (hashed n-gram memory), docs/paper.md section 1.
 
     Attributes:
       layer_ids: 0-indexed layers that get an Engram module (added to the residual at layer start).
@@ -135,7 +135,7 @@ class EngramConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OverEncodingConfig:
     """OverEncoding input embeddings (Huang et al., "Over-Tokenized Transformer: Vocabulary is
-    Generally Worth Scaling", ICML 2025, arXiv 2501.16975; engram-paper.md sections 3 and 8).
+    Generally Worth Scaling", ICML 2025, arXiv 2501.16975; docs/paper.md sections 3 and 8.1).
 
     The baseline Engram is compared against: hashed n-gram embeddings at the input layer only, no
     gate, no convolution, no contextual query. For each order n = 2..N the n-gram id at position i
@@ -425,7 +425,7 @@ class TrainConfig:
         2502.16982, so AdamW learning rates carry over) with decoupled ``weight_decay``, while
         embeddings, LM head, router, norms, biases and the memory tables keep their AdamW groups
         (tables at ``engram_lr_mult`` x the rate, no decay), as the Engram paper trains
-        (engram-paper.md section 1, "Training"). See ``optim.make_optimizer``.
+        (docs/paper.md section 1.8 (Training)). See ``optim.make_optimizer``.
       muon_lr_mult: the Muon group's peak rate is ``lr * muon_lr_mult``.
     """
 

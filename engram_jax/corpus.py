@@ -1,8 +1,8 @@
 """Corpora: where the text comes from, as a deterministic stream of (key, text) documents.
 
-The first step of design.md's data flow ("corpus files -> byte-level BPE tokenizer -> ..."; see
-design.md, "Corpora"). Two built-in corpora need no download, the Python sources of the running
-interpreter:
+The first step of the data flow of docs/design.md section 2 ("corpus files -> byte-level BPE
+tokenizer -> ..."; docs/design.md section 3 (Corpora)). Two built-in corpora need no download,
+the Python sources of the running interpreter:
 
 - ``pystdlib``: the standard library ``.py`` files (~13 MB), without ``site-packages`` and
   without the ``test``/``tests``/``idle_test`` packages (those hold deliberately odd files:

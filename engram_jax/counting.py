@@ -1,4 +1,4 @@
-"""Exact parameter and FLOP counts from a ``ModelConfig`` alone (engram-paper.md section 2).
+"""Exact parameter and FLOP counts from a ``ModelConfig`` alone (docs/paper.md section 2).
 
 Definitions (the paper's): P_tot = trainable parameters excluding the vocabulary embedding and LM
 head; P_act = parameters one token activates (attention, norms, dense FFNs, shared experts, the

@@ -1,10 +1,10 @@
 """Input pipeline: corpus -> tokenizer -> token shards -> batches (+ Engram hash ids).
 
-Implements design.md's "Data flow of one trial" up to the device batch:
+Implements the data flow of one trial (docs/design.md section 2) up to the device batch:
 corpus files (``corpus.py``) -> byte-level BPE tokenizer trained on the train split -> one flat
 token stream per split on disk (memmapped ``.npy``) -> seeded random windows [B, T+1] -> on the
 host, compressed ids -> n-gram hash ids per Engram layer [B, T, G] (``hashing.py``, in a
-background thread). Hashing stays out of the jitted model (engram-paper.md section 1).
+background thread). Hashing stays out of the jitted model (docs/paper.md section 1.2).
 
 Modules: ``corpus.py`` (documents and fingerprints), ``shards.py`` (document split, BPE training,
 tokenization), ``batches.py`` (windows and prefetching); this one owns the cache and the public

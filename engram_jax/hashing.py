@@ -1,6 +1,6 @@
 """Token compression and multi-head n-gram hashing for Engram (host side, numpy int64).
 
-Implements engram-paper.md section 1 ("Token compression", "Hashing"), following the semantics of the
+Implements docs/paper.md section 1 ("Token compression", "Hashing"), following the semantics of the
 public reference demo (deepseek-ai/Engram, ``engram_demo_v1.py``: ``CompressedTokenizer`` and
 ``NgramHashMapping``). Hash ids depend only on token ids, so they are computed in the input pipeline
 (a background thread), never inside the jitted model; int64 arithmetic keeps them bit-identical to
@@ -91,7 +91,7 @@ def head_primes(
 
 
 class NgramHasher:
-    """Multi-head n-gram hash ids for each Engram layer (the design.md contract).
+    """Multi-head n-gram hash ids for each Engram layer (docs/design.md section 4 (Contracts)).
 
     Args:
       vocab_size: compressed vocabulary size V' (ids fed in are compressed ids in [0, V')).

@@ -2,7 +2,7 @@
 
 Input:    H = E[x], or with ``overencoding`` the average of E[x] and its hashed n-gram embeddings
           (layers/overencoding.py, the paper's OverEncoding baseline)
-Block l:  H += Engram_l(H, hash ids)   (only at ``engram.layer_ids``; engram-paper.md "Placement")
+Block l:  H += Engram_l(H, hash ids)   (only at ``engram.layer_ids``; docs/paper.md section 1.6)
           H += Attention(RMSNorm(H))
           H += FFN_l(RMSNorm(H))        (dense SwiGLU for the first ``n_dense_layers``, else MoE)
 

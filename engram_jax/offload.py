@@ -1,6 +1,6 @@
 """Host-offloaded Engram tables: a numpy row store with a lazy (row-wise) Adam.
 
-engram-paper.md section 6 ("Systems"): addressing is a function of the token ids, so the rows a
+docs/paper.md section 6 (Systems): addressing is a function of the token ids, so the rows a
 batch needs can be fetched by the host ahead of use. With ``EngramConfig.offload`` the model holds
 no table (``Engram`` keeps only the key its table would have been drawn from); ``HostTables`` holds
 each layer's table [R, d_head] and its Adam moments as float32 numpy arrays, and

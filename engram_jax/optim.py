@@ -2,7 +2,7 @@
 
 AdamW with linear warmup and cosine decay (optax). Parameters are split into three groups with
 ``optax.multi_transform``: matrices (weight decay), vectors (norm scales, biases: no decay) and the
-Engram tables (engram-paper.md "Training": 5x the learning rate, no weight decay). OverEncoding
+Engram tables (docs/paper.md section 1.8: 5x the learning rate, no weight decay). OverEncoding
 tables join the table group.
 
 ``TrainConfig.optimizer = "muon"`` moves the backbone's matrices into a fourth group trained with
@@ -49,7 +49,7 @@ def param_labels(params: nnx.State):
     return jax.tree_util.tree_map_with_path(_label, params)
 
 
-# Matrices that stay with Adam under Muon (engram-paper.md "Training": Adam for the embeddings and
+# Matrices that stay with Adam under Muon (docs/paper.md section 1.8: Adam for the embeddings and
 # the router; the LM head is an embedding, as in modded-nanogpt and Moonlight; the Engram conv's
 # depthwise taps [W, D] are per-channel filters, not a map between spaces).
 ADAM_MATRICES = ("embed", "lm_head", "w_router", "conv_w")
@@ -134,7 +134,7 @@ def muon(tcfg: TrainConfig) -> optax.GradientTransformation:
     """Muon for the "muon" group: Newton-Schulz-orthogonalised Nesterov momentum per matrix
     (batched over experts / sub-tables, ``muon_dims``), scaled by 0.2 sqrt(max(fan_in, fan_out))
     so its update RMS matches AdamW's, decoupled weight decay, then the warmup-cosine schedule at
-    ``lr * muon_lr_mult`` (the paper's backbone optimizer; engram-paper.md "Training")."""
+    ``lr * muon_lr_mult`` (the paper's backbone optimizer; docs/paper.md section 1.8)."""
     from optax.contrib import scale_by_muon
     from optax.contrib._muon import scale_by_shape  # optax 0.2.8 does not re-export it
 

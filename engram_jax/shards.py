@@ -1,9 +1,9 @@
 """Token shards: the document split, BPE training and tokenization of one corpus.
 
-The middle of design.md's data flow: "corpus files -> byte-level BPE tokenizer (HF ``tokenizers``,
-trained on the train split, cached) -> token shards on disk (memmapped uint16/uint32)". ``data.py``
-owns the cache (keys, locking, atomic moves); this module fills one entry directory:
-``tokenizer.json``, ``train.npy`` and ``val.npy``.
+The middle of the data flow of docs/design.md section 2: "corpus files -> byte-level BPE tokenizer
+(HF ``tokenizers``, trained on the train split, cached) -> token shards on disk (memmapped
+uint16/uint32)". ``data.py`` owns the cache (keys, locking, atomic moves); this module fills one
+entry directory: ``tokenizer.json``, ``train.npy`` and ``val.npy``.
 
 - The split is by document: a document goes to val when a hash of its key falls below
   ``val_fraction``, never by position inside a file, so adding documents moves no other document

@@ -287,7 +287,7 @@ class _Run:
         return self.evaluate(batches), len(batches) * per_batch
 
     def record(self, val_loss: float, val_tokens: int, meta: dict | None, t_start: float) -> dict:
-        """The trial's result row (design.md, "Results records")."""
+        """The trial's result row (docs/design.md section 6 (Results records))."""
         from engram_jax import data as data_lib
 
         cfg, tcfg = self.cfg, self.tcfg

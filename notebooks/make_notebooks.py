@@ -53,7 +53,7 @@ def sparsity_allocation() -> nbformat.NotebookNode:
         new_markdown_cell("""\
 # Sparsity allocation: where is the optimum split between experts and Engram memory?
 
-**The paper's claim** (Engram, arXiv 2601.07372, section 2; `shared/engram-paper.md`). Hold the
+**The paper's claim** (Engram, arXiv 2601.07372; `docs/paper.md` section 2). Hold the
 total parameters $P_{tot}$ and the activated parameters $P_{act}$ fixed, and let
 $\\rho$ be the share of the sparse parameters $P_{sparse} = P_{tot} - P_{act}$ kept in routed
 experts; the other $1-\\rho$ becomes Engram table rows. Validation loss against $\\rho$ is
@@ -130,7 +130,7 @@ def memory_scaling() -> nbformat.NotebookNode:
         new_markdown_cell("""\
 # Memory scaling: loss against Engram table size
 
-**The paper's claim** (section 3, "infinite memory"): with the MoE backbone fixed
+**The paper's claim** (`docs/paper.md` section 3): with the MoE backbone fixed
 ($P_{tot} \\approx 3$B, $P_{act}$ 568M, 100B tokens) and only the Engram slots growing from
 2.6e5 to 1e7, validation loss falls on a straight line in log-log axes, about $-0.028$ per $10\\times$
 slots (1.788 to 1.743). Memory adds capacity at no extra compute per token.

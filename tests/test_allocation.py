@@ -1,4 +1,4 @@
-"""Properties of the sparsity-allocation solver (engram-paper.md section 2) over random MoE bases.
+"""Properties of the sparsity-allocation solver (docs/paper.md section 2) over random MoE bases.
 
 A seeded numpy loop stands in for property-based testing: ~50 random bases, random rho.
 """

@@ -1,7 +1,7 @@
 """Engram hashing and token compression against independent references written here.
 
 The references follow the public Engram demo (deepseek-ai/Engram, ``engram_demo_v1.py``:
-``NgramHashMapping`` and ``CompressedTokenizer``) as summarised in engram-paper.md section 1, but
+``NgramHashMapping`` and ``CompressedTokenizer``) as summarised in docs/paper.md section 1.2, but
 share no code with ``engram_jax.hashing``: primes come from trial division, normalisation from
 ``unicodedata`` and ``re``. Hash ids must match bit for bit; there is no tolerance to relax.
 """

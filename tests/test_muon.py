@@ -1,6 +1,6 @@
 """The Muon option (``TrainConfig.optimizer = "muon"``) and the unchanged AdamW default.
 
-engram-paper.md "Training": the backbone trains with Muon, the Engram tables with Adam at 5x the
+docs/paper.md section 1.8 (Training): the backbone trains with Muon, the Engram tables with Adam at 5x the
 rate and no weight decay. Expected groups are written out here by parameter name, not read from
 optim.py:
 

@@ -1,4 +1,4 @@
-"""The optimizer's parameter groups against a hand-computed AdamW step (engram-paper.md "Training":
+"""The optimizer's parameter groups against a hand-computed AdamW step (docs/paper.md section 1.8:
 Engram tables get 5x the learning rate and no weight decay).
 
 One update from zero moments has a closed form: with m = (1 - b1) g and v = (1 - b2) g^2, bias

@@ -1,4 +1,4 @@
-"""Parity of the Flax ``Engram`` module with a PyTorch reference (engram-paper.md section 1).
+"""Parity of the Flax ``Engram`` module with a PyTorch reference (docs/paper.md section 1).
 
 PyTorch is the reference framework. The classes below restate the module semantics of the public
 Engram demo (deepseek-ai/Engram, ``engram_demo_v1.py``: ``MultiHeadEmbedding``, ``ShortConv``,

@@ -1,6 +1,6 @@
 """The Engram module: hashed n-gram memory with a context-aware gate and a short convolution.
 
-engram-paper.md section 1, following the public reference demo's semantics (deepseek-ai/Engram,
+docs/paper.md section 1, following the public reference demo's semantics (deepseek-ai/Engram,
 ``engram_demo_v1.py``: ``MultiHeadEmbedding``, ``ShortConv``, ``Engram``) for a single residual
 branch (hc_mult = 1; ``layers/engram_branches.py`` has the multi-branch module):
 

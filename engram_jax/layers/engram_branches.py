@@ -1,6 +1,6 @@
 """The Engram module on a multi-branch residual (hyper-connections, ``hc_mult = M > 1``).
 
-engram-paper.md section 1 ("Multi-branch backbone") and the public demo (deepseek-ai/Engram,
+docs/paper.md section 1.7 (Multi-branch backbone) and the public demo (deepseek-ai/Engram,
 ``engram_demo_v1.py``: ``Engram.forward`` and ``ShortConv`` with ``hc_mult`` branches). One table
 and one value projection are shared by all branches; each branch m has its own key projection, key
 norm, query norm and gate, reading its own branch h_m of the residual stream:
@@ -15,9 +15,10 @@ The conv is the demo's ``ShortConv`` over M D channels: one RMSNorm per branch a
 kernel per channel; ``conv_w`` [W, M D] holds channel m D + d, the order of the demo's
 ``torch.cat(normed_chunks, dim=-1)``. Epsilons and constants are ``layers/engram.py``'s (the demo's).
 
-``EngramConfig.gate_per_branch = False`` is the paper's ablation of per-branch gating (section 4:
-its largest regression): one key projection, key and query norm and gate, whose query is the mean
-of the branches, scales the value added to every branch; the conv stays per branch. With M = 1
+``EngramConfig.gate_per_branch = False`` is the paper's ablation of per-branch gating
+(docs/paper.md section 4: its largest regression): one key projection, key and query norm and gate,
+whose query is the mean of the branches, scales the value added to every branch; the conv stays
+per branch. With M = 1
 the model builds ``layers/engram.Engram`` instead (the same computation, its parameter layout).
 """
 

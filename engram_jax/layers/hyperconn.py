@@ -1,7 +1,7 @@
 """Hyper-connections: M residual branches with static plus dynamic mixing (``hc_mult = M > 1``).
 
 Zhu et al., "Hyper-Connections", ICLR 2025, arXiv 2409.19606 (section 2 and Appendix J,
-Algorithm 2: dynamic hyper-connections, DHC); engram-paper.md sections 1 and 8. The residual
+Algorithm 2: dynamic hyper-connections, DHC); docs/paper.md sections 1.7 and 8.2. The residual
 stream is a hyper hidden matrix H [B, T, M, D]. Each residual site (attention, FFN) with sublayer
 F reads one input from the branches and writes its output back to all of them:
 

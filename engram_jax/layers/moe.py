@@ -3,7 +3,7 @@
 Routing follows DeepSeek-V3: sigmoid affinities (or softmax), top-k selection on affinity + a
 per-expert routing bias, gates = the selected affinities renormalised to sum to one. The bias is
 not trained by the gradient: the training step nudges it toward balanced load
-(auxiliary-loss-free balancing, engram-paper.md section 1 "Training"); a switch-style auxiliary
+(auxiliary-loss-free balancing, docs/paper.md section 1.8 (Training)); a switch-style auxiliary
 loss is available instead.
 
 Dispatch uses capacity buffers [E, C, D] and batched einsums (C = ceil(cf * S * K / E) slots per

@@ -1,7 +1,7 @@
 """OverEncoding: hashed n-gram input embeddings, the baseline the Engram paper compares against.
 
 Huang et al., "Over-Tokenized Transformer: Vocabulary is Generally Worth Scaling", ICML 2025,
-arXiv 2501.16975 (engram-paper.md sections 3 and 8). At the input layer only, for each order
+arXiv 2501.16975 (docs/paper.md sections 3 and 8.1). At the input layer only, for each order
 n = 2..N, the n-gram ending at position i gets the id
 
     x^(-n)_i = sum_{j=0}^{n-1} x_{i-j} V^j           (x_{i-j} = 0 before the sequence start)
