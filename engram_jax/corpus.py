@@ -8,7 +8,20 @@ the Python sources of the running interpreter:
   without the ``test``/``tests``/``idle_test`` packages (those hold deliberately odd files:
   bad encodings, generated data).
 - ``pysrc``: ``pystdlib`` plus every ``.py`` file under the interpreter's site-packages,
-  deduplicated by content (the first file in key order wins).
+  deduplicated by content (the first file in key order wins). It changes whenever a package is
+  installed or upgraded, so its fingerprint differs between machines and over time; resolving it
+  prints a warning.
+
+One built-in corpus does not depend on the installation at all:
+
+- ``pywheels-v1``: the ``.py`` members (~142 MB) of 14 pure-Python wheels (``py3-none-any``:
+  sympy, Django, transformers, jax, twisted, networkx, dask, pip, setuptools, Pygments, Sphinx,
+  docutils, pylint, astroid), each pinned by file name and SHA-256 in
+  ``engram_jax/corpora/pywheels-v1.json`` together with the fingerprint they give. The wheels are
+  fetched with ``pip download`` into ``$ENGRAM_CACHE/wheels`` on first use (or copied there
+  beforehand on an offline machine) and read without installing them; see ``corpus_wheels.py``.
+  Its fingerprint is the same on every machine: the corpus for results meant to be reproduced or
+  continued elsewhere.
 
 Any other spec is a path: a directory (walked recursively, hidden entries and ``__pycache__``
 skipped) or one file. Each file is read by its suffix: ``.jsonl``/``.jsonl.gz`` give one document
@@ -26,6 +39,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import site
 import sys
@@ -34,7 +48,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILTIN_CORPORA = ("pystdlib", "pysrc")
+from engram_jax import corpus_wheels
+from engram_jax.corpus_wheels import CorpusError
+
+WHEEL_CORPORA = ("pywheels-v1",)
+BUILTIN_CORPORA = ("pystdlib", "pysrc", *WHEEL_CORPORA)
+PYSRC_WARNING = ("warning: corpus 'pysrc' depends on the installed packages; pywheels-v1 is the "
+                 "reproducible corpus")
+_warned_pysrc = False
 
 _SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
 _STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
@@ -42,13 +63,15 @@ _STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:
-    """One file of a corpus: its key, location, reader kind, size and content hash."""
+    """One file of a corpus: its key, location, reader kind, size and content hash (for a wheel
+    member: the wheel's path and the member's name, size and hash)."""
 
     key: str
     path: Path
-    kind: str  # "text" | "jsonl" | "parquet"
+    kind: str  # "text" | "jsonl" | "parquet" | "wheel"
     size: int
     sha256: str
+    member: str = ""
 
 
 class Corpus:
@@ -75,19 +98,23 @@ class Corpus:
 
     def documents(self) -> Iterator[tuple[str, str]]:
         """Yield (doc key, text) in a deterministic order (files by key, then position)."""
-        for f in self.files:
-            yield from _READERS[f.kind](f)
+        for wheel, run in itertools.groupby(self.files, key=lambda f: f.kind == "wheel"):
+            if wheel:
+                yield from corpus_wheels.read_members(list(run))
+            else:
+                for f in run:
+                    yield from _READERS[f.kind](f)
 
     @functools.cached_property
     def n_docs(self) -> int:
         """Number of documents (parses record files once)."""
-        if all(f.kind == "text" for f in self.files):
+        if all(f.kind in ("text", "wheel") for f in self.files):
             return len(self.files)
         return sum(1 for _ in self.documents())
 
     @property
     def n_bytes(self) -> int:
-        """Total size of the corpus files on disk."""
+        """Total size of the corpus files on disk (of the members, for a wheel corpus)."""
         return sum(f.size for f in self.files)
 
     def __repr__(self) -> str:
@@ -228,18 +255,27 @@ def resolve_corpus(spec: str) -> Corpus:
     """Turn a corpus spec into a :class:`Corpus`.
 
     Args:
-      spec: ``"pystdlib"``, ``"pysrc"``, or a path to a directory / text, JSONL or Parquet file.
+      spec: ``"pystdlib"``, ``"pysrc"``, ``"pywheels-v1"``, or a path to a directory / text,
+        JSONL or Parquet file.
 
     Returns:
       The corpus, checked to hold at least one document.
 
     Raises:
       FileNotFoundError: the spec is neither a built-in name nor an existing path.
+      CorpusError (a ValueError): a wheel of a wheel corpus is missing and cannot be downloaded,
+        or does not match its manifest, or the corpus does not have the manifest's fingerprint.
       ValueError: the corpus holds no usable text, or a record file is malformed.
     """
+    global _warned_pysrc
     spec = str(spec)
+    if spec in WHEEL_CORPORA:
+        return resolve_wheel_corpus(corpus_wheels.MANIFEST_DIR / f"{spec}.json")
     if spec in BUILTIN_CORPORA:
         name, files = spec, _python_sources(include_site_packages=spec == "pysrc")
+        if spec == "pysrc" and not _warned_pysrc:
+            _warned_pysrc = True
+            print(PYSRC_WARNING, file=sys.stderr, flush=True)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -254,5 +290,29 @@ def resolve_corpus(spec: str) -> Corpus:
         raise ValueError(
             f"corpus {spec!r} is empty: no UTF-8 text files or non-empty 'text' records found"
             + (f" (python {sys.version.split()[0]})" if spec in BUILTIN_CORPORA else "")
+        )
+    return corpus
+
+
+def resolve_wheel_corpus(manifest: str | Path, cache_dir: str | Path | None = None) -> Corpus:
+    """The corpus of a wheel-corpus manifest (``corpus_wheels.py``), its fingerprint checked.
+
+    Args:
+      manifest: path of the manifest (``engram_jax/corpora/<name>.json``).
+      cache_dir: cache root (wheels go to ``<cache_dir>/wheels``); default ``$ENGRAM_CACHE`` or
+        ``~/.cache/engram-suite``.
+
+    Raises:
+      CorpusError: see :func:`resolve_corpus`.
+    """
+    m = corpus_wheels.load_manifest(manifest)
+    corpus = Corpus(m["name"], m["name"], corpus_wheels.resolve_members(m, cache_dir))
+    if not corpus.files:
+        raise CorpusError(f"corpus {m['name']!r} is empty: its wheels hold no UTF-8 .py files")
+    want = m.get("fingerprint")
+    if want and corpus.fingerprint != want:
+        raise CorpusError(
+            f"corpus {m['name']!r} resolved to fingerprint {corpus.fingerprint}, its manifest "
+            f"({manifest}) pins {want}"
         )
     return corpus

@@ -136,7 +136,8 @@ def prepare(
     """Resolve, split, train a tokenizer on and tokenize a corpus; cached on disk.
 
     Args:
-      spec: corpus spec for :func:`resolve_corpus` (``"pystdlib"``, ``"pysrc"`` or a path).
+      spec: corpus spec for :func:`resolve_corpus` (``"pystdlib"``, ``"pysrc"``,
+        ``"pywheels-v1"`` or a path).
       vocab_size: exact BPE vocabulary size V (>= 257: 256 bytes + ``<|endoftext|>``).
       cache_dir: cache root; default :func:`default_cache_dir`.
       val_fraction: expected share of documents held out for validation, in (0, 1).

@@ -79,7 +79,7 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
 
     Args:
       model_cfg, train_cfg: what to train and how.
-      corpus: "pystdlib", "pysrc" or a path (see data.resolve_corpus).
+      corpus: "pystdlib", "pysrc", "pywheels-v1" or a path (see data.resolve_corpus).
       out_dir: holds config.json, metrics.jsonl, record.json and ckpt/; resumed if present.
       report: called with a metrics dict at every log step (the sweep forwards it to Ray Tune).
       progress: show a progress bar on stderr.
@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", required=True, help="model preset (engram_jax.config.PRESETS)")
     ap.add_argument("--corpus", default="pystdlib",
-                    help="pystdlib | pysrc | a directory of text files | .jsonl | .parquet")
+                    help="pystdlib | pysrc | pywheels-v1 (pinned wheels, the same on every "
+                         "machine) | a directory of text files | .jsonl | .parquet")
     ap.add_argument("--steps", type=int, help="optimizer steps")
     ap.add_argument("--rho", type=float,
                     help="allocate the preset's sparse budget: rho in experts, 1-rho in Engram")

@@ -13,7 +13,7 @@ A grid file (YAML) names a base and what varies. Schema (every key optional unle
     seeds: [0, 1]
     steps: 60                    # or tokens: 2.0e6 (steps = ceil(tokens / (batch_size * seq_len)))
     batch_size: 16
-    corpus: pystdlib             # "pystdlib" | "pysrc" | a path
+    corpus: pystdlib             # "pystdlib" | "pysrc" | "pywheels-v1" | a path
     resources: auto              # or {cpu: N, gpu: 0|1} or {cpu: N, tpu: chips} (Ray's TPU)
     train: {lr: 1e-3}            # TrainConfig overrides (not steps/batch_size/seed: keys above)
     model: {seq_len: 64}         # ModelConfig dotted overrides of the base, before allocation
