@@ -22,7 +22,9 @@ committed files alone (``runs.csv``, ``curves/``, ``README.md``, ``grid.json``),
 driver was killed without warning. A trial whose node or worker dies is restarted by Tune
 (``--max-failures``) from its last checkpoint; an error that would happen again (out of memory,
 divergence, a deterministic failure) ends its trial at once, named in ``runs.csv`` and the
-summary (``failures.py``). A finished grid is never overwritten without ``--force``.
+summary (``failures.py``). A finished grid is never overwritten without ``--force``. A grid is
+continued only on a corpus with the fingerprint of its finished rows (exit 2 otherwise: ``pysrc``
+changes with the installed packages, ``pywheels-v1`` is the same everywhere).
 
 Tracking (``--tracking``, ``tracking.py``): TensorBoard event files under the storage by
 default, or MLflow, or Weights & Biases, through Ray Tune's logger callbacks; one run per trial.
@@ -121,6 +123,26 @@ def _incompatible(out: Path, grid: Grid, trial_configs: list[dict]) -> str:
     return ""
 
 
+def corpus_changed(out: Path, grid: Grid) -> str:
+    """Why the grid's corpus cannot continue the finished rows of ``runs.csv`` ("" if it can): the
+    corpus now resolves to another fingerprint than the one those rows were trained on."""
+    old = sorted({r.get("corpus_fingerprint") or "" for r in finished_rows(out, grid).values()}
+                 - {""})
+    if not old:
+        return ""
+    from engram_jax.corpus import resolve_corpus
+
+    now = resolve_corpus(grid.corpus).fingerprint
+    if old == [now]:
+        return ""
+    return (f"refusing to continue grid {grid.name!r}: the finished rows of {out / 'runs.csv'} were "
+            f"trained on corpus {grid.corpus!r} with fingerprint {', '.join(old)}, but here it "
+            f"resolves to fingerprint {now}, and one grid must not mix two corpora; 'pysrc' depends "
+            "on the installed packages (any install or upgrade changes it, and so does another "
+            "machine), 'pywheels-v1' does not. Continue where the corpus is the same, or pass "
+            "--force (make sweep FORCE=1) to start the grid over on this corpus")
+
+
 def grid_state(out: Path, grid: Grid) -> str:
     """'new', 'finished' (every trial ok in runs.csv) or 'partial'."""
     if not (out / "runs.csv").exists() and not (out / "grid.json").exists():
@@ -197,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{grid.name!r} ({why}); restore the grid file to resume, or pass --force to "
                   "start over", file=sys.stderr)
             return 3
+        why = corpus_changed(out, grid)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
     from sweeps.storage import Storage
 
     a.storage_default = a.storage is None
