@@ -20,8 +20,10 @@ One built-in corpus does not depend on the installation at all:
   ``engram_jax/corpora/pywheels-v1.json`` together with the fingerprint they give. The wheels are
   fetched with ``pip download`` into ``$ENGRAM_CACHE/wheels`` on first use (or copied there
   beforehand on an offline machine) and read without installing them; see ``corpus_wheels.py``.
-  Its fingerprint is the same on every machine: the corpus for results meant to be reproduced or
-  continued elsewhere.
+  8,479 files after deduplication; 68.8M train and 3.6M validation tokens at vocabulary 512. Its
+  fingerprint is the same on every machine and with any packages installed, so science grids use
+  it: their results can be reproduced, and a grid continued, on another machine (``sweeps.run``
+  refuses to continue a grid on a corpus whose fingerprint differs from its finished rows').
 
 Any other spec is a path: a directory (walked recursively, hidden entries and ``__pycache__``
 skipped) or one file. Each file is read by its suffix: ``.jsonl``/``.jsonl.gz`` give one document
@@ -29,9 +31,10 @@ per line (a ``"text"`` field), ``.parquet`` one per row (a ``"text"`` column), a
 one document if it decodes as UTF-8 text (files with NUL bytes or invalid UTF-8 are skipped).
 Empty or whitespace-only texts are never documents.
 
-Document keys are stable strings (``stdlib/json/decoder.py``, ``shard0.jsonl:17``); the train/val
-split hashes them. The fingerprint is a SHA-256 over the sorted (file key, size, content SHA-256)
-of the files that contribute documents, so it changes whenever the corpus does.
+Document keys are stable strings (``stdlib/json/decoder.py``, ``shard0.jsonl:17``,
+``wheels/sympy/sympy/core/basic.py``); the train/val split hashes them. The fingerprint is a
+SHA-256 over the sorted (file key, size, content SHA-256) of the files (wheel members) that
+contribute documents, so it changes whenever the corpus does.
 """
 
 from __future__ import annotations
