@@ -29,6 +29,15 @@ class MoEConfig:
         gradient), "aux" (a switch-style auxiliary loss), or "none".
       bias_rate: step size of the routing-bias update (balance="bias").
       aux_coef: weight of the auxiliary balance loss (balance="aux").
+      dispatch: "capacity" (buffers of ``capacity_factor`` slots per expert, overflow dropped;
+        what every committed grid ran) or "dropless" (assignments sorted by expert, grouped
+        matmuls over exactly the routed rows, unsorted back; nothing is dropped).
+      grouped_matmul: the dropless path's grouped matmul: "tiles" (each expert's rows padded to a
+        multiple of ``dropless_tile``, one batched matmul over the tiles with the tile's expert
+        weights, its weight gradient a batched matmul summed per expert; static shapes, any
+        backend) or "ragged" (``jax.lax.ragged_dot`` and its own gradient; the CPU lowers it
+        to a dense matmul per expert, for tests).
+      dropless_tile: rows per tile of ``grouped_matmul="tiles"``.
     """
 
     n_routed: int
@@ -40,6 +49,9 @@ class MoEConfig:
     balance: str = "bias"
     bias_rate: float = 1e-3
     aux_coef: float = 1e-2
+    dispatch: str = "capacity"
+    grouped_matmul: str = "tiles"
+    dropless_tile: int = 64
 
     def __post_init__(self):
         if self.n_routed < 1:
@@ -54,6 +66,13 @@ class MoEConfig:
             raise ValueError(f"moe.router must be 'sigmoid' or 'softmax', got {self.router!r}")
         if self.balance not in ("bias", "aux", "none"):
             raise ValueError(f"moe.balance must be 'bias', 'aux' or 'none', got {self.balance!r}")
+        if self.dispatch not in ("capacity", "dropless"):
+            raise ValueError(f"moe.dispatch must be 'capacity' or 'dropless', got {self.dispatch!r}")
+        if self.grouped_matmul not in ("tiles", "ragged"):
+            raise ValueError(f"moe.grouped_matmul must be 'tiles' or 'ragged', got "
+                             f"{self.grouped_matmul!r}")
+        if self.dropless_tile < 1:
+            raise ValueError(f"moe.dropless_tile must be >= 1, got {self.dropless_tile}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -307,7 +326,7 @@ class ModelConfig:
 # added here with a default that reproduces the old behaviour.
 LATE_FIELDS: dict[str, tuple[str, ...]] = {
     "ModelConfig": ("overencoding",),
-    "MoEConfig": (),
+    "MoEConfig": ("dispatch", "grouped_matmul", "dropless_tile"),
     "EngramConfig": ("gate_per_branch",),
     "OverEncodingConfig": (),
     "TrainConfig": ("final_eval_tokens", "optimizer", "muon_lr_mult"),

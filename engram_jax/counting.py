@@ -127,12 +127,30 @@ def capacity(cfg: ModelConfig, tokens: int) -> int:
     return max(1, math.ceil(m.capacity_factor * tokens * m.top_k / m.n_routed))
 
 
+def dropless_rows(n_assignments: int, n_experts: int, tile: int) -> int:
+    """Rows of the dropless path's tiled buffer for ``n_assignments`` routed (token, expert)
+    pairs: each expert's rows padded to a multiple of ``tile``, sum_e ceil(n_e / tile) tiles, at
+    most floor((A + E (tile - 1)) / tile) whatever the routing (the static shape XLA computes)."""
+    return (n_assignments + n_experts * (tile - 1)) // tile * tile
+
+
+def routed_rows_executed(cfg: ModelConfig, tokens: int) -> int:
+    """Expert rows one MoE layer computes for a batch of ``tokens`` tokens: E * C capacity slots,
+    the dropless tiled buffer, or exactly the K * tokens routed rows (``ragged_dot``)."""
+    m = cfg.moe
+    if m.dispatch == "capacity":
+        return m.n_routed * capacity(cfg, tokens)
+    if m.grouped_matmul == "tiles":
+        return dropless_rows(tokens * m.top_k, m.n_routed, m.dropless_tile)
+    return tokens * m.top_k
+
+
 def forward_flops_per_token(cfg: ModelConfig, *, executed: bool = False, tokens: int | None = None) -> float:
     """Matmul FLOPs (2 per multiply-add) of one forward pass, per token.
 
     Args:
-      executed: count what the capacity-buffer dispatch computes (E * C expert slots for the batch)
-        instead of the useful top-k work.
+      executed: count what the dispatch computes (``routed_rows_executed``: E * C capacity
+        slots, or the dropless path's tiled rows) instead of the useful top-k work.
       tokens: tokens per batch for ``executed`` (default: one sequence of ``seq_len``).
     """
     D, V, L, T = cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.seq_len
@@ -144,7 +162,7 @@ def forward_flops_per_token(cfg: ModelConfig, *, executed: bool = False, tokens:
         n_moe = len(cfg.moe_layer_ids)
         if executed:
             tok = tokens or T
-            routed_slots = m.n_routed * capacity(cfg, tok) / tok
+            routed_slots = routed_rows_executed(cfg, tok) / tok
         else:
             routed_slots = m.top_k
         f += n_moe * (2 * D * m.n_routed + 2 * 3 * D * m.d_expert * (routed_slots + m.n_shared))
@@ -161,8 +179,17 @@ def forward_flops_per_token(cfg: ModelConfig, *, executed: bool = False, tokens:
 
 
 def flops_per_token(cfg: ModelConfig, *, executed: bool = False, tokens: int | None = None) -> float:
-    """Training FLOPs per token: forward + backward = 3 x the forward matmul FLOPs, attention included."""
-    return 3.0 * forward_flops_per_token(cfg, executed=executed, tokens=tokens)
+    """Training FLOPs per token: forward + backward = 3 x the forward matmul FLOPs, attention
+    included; with ``executed`` also the backward-only matmuls of the dropless tiles (each
+    tile's weight gradient summed per expert, ``moe.gather_groups``)."""
+    f = 3.0 * forward_flops_per_token(cfg, executed=executed, tokens=tokens)
+    m = cfg.moe
+    if executed and m is not None and m.dispatch == "dropless" and m.grouped_matmul == "tiles":
+        tok = tokens or cfg.seq_len
+        n_tiles = routed_rows_executed(cfg, tok) // m.dropless_tile
+        per_layer = 2 * m.n_routed * n_tiles * 3 * cfg.d_model * m.d_expert
+        f += len(cfg.moe_layer_ids) * per_layer / tok
+    return f
 
 
 def flops_per_token_6n(cfg: ModelConfig) -> float:
