@@ -8,7 +8,9 @@ support and compared within one unit of their last printed digit (:func:`same`),
 passes on any machine that runs the same code (a fit's last digits differ between CPUs) and fails
 when a committed result changes.
 
-Blocks: ``ladder`` (the budgets, with measured trial times), ``ladder-results`` (the allocation
+Blocks: ``mechanism`` and ``diagnostics`` (:mod:`analysis.diagnose`: how close a regime's
+memory/computation trade-off is to the paper's), ``ladder`` (the budgets, with measured trial
+times), ``ladder-results`` (the allocation
 law across the paper-regime ladder), ``lr`` (the learning-rate checks), ``cpu-small`` and
 ``memory`` (the earlier, undertrained grids), ``overencoding``, ``ablations`` and ``optimizer``
 (the paper's other comparisons, :mod:`analysis.paper`).
@@ -176,10 +178,33 @@ def block_optimizer(results: Path) -> str:
     return optimizer_markdown(optimizer_comparison(results, PAPER_BUDGET, n_boot=N_BOOT))
 
 
+def block_mechanism(results: Path) -> str:
+    from analysis import diagnose
+
+    return diagnose.mechanism_markdown(diagnose.mechanism_table(results))
+
+
+def block_diagnostics(results: Path) -> str:
+    from analysis import diagnose
+
+    return "\n\n".join([
+        "(a) What makes the left arm appear: L(0.3) - L(0.8), one change at a time "
+        "(`sweeps/grids/diag-a-cpu-3e12-*.yaml`; Welch 95% intervals over seeds):",
+        diagnose.left_arm_markdown(diagnose.left_arm(results)),
+        "(b) The cost of the left arm alone: routed experts removed, nothing in their place "
+        "(`diag-b-cpu-3e12-experts.yaml`), and what the reference's tables buy back at the rho "
+        "that keeps as many experts:",
+        diagnose.expert_cost_markdown(diagnose.expert_cost(results)),
+        "(c) The value of memory at the same backbone (`diag-c-cpu-3e12-memory.yaml`): "
+        + diagnose.memory_markdown(diagnose.memory_value(results, "diag-c-cpu-3e12-memory")),
+    ])
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "ladder": block_ladder, "ladder-results": block_ladder_results, "lr": block_lr,
     "cpu-small": block_cpu_small, "memory": block_memory, "overencoding": block_overencoding,
     "ablations": block_ablations, "optimizer": block_optimizer,
+    "mechanism": block_mechanism, "diagnostics": block_diagnostics,
 }
 
 
