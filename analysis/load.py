@@ -233,9 +233,10 @@ def memory_column(df: pd.DataFrame) -> str | None:
 
 
 # Grids that change a budget's model or training (the paper's ablations, the Muon curve, memory
-# scaling) are named by these prefixes (sweeps/grids/). They share the budget's ``budget`` column
-# but are other curves: they are never pooled into the budget's allocation curve.
-VARIANT_PREFIXES = ("ablation-", "muon-", "memory-")
+# scaling, the mechanism diagnostics' arms: another corpus, batch or rate) are named by these
+# prefixes (sweeps/grids/). They share the budget's ``budget`` column but are other curves: they
+# are never pooled into the budget's allocation curve.
+VARIANT_PREFIXES = ("ablation-", "muon-", "memory-", "diag-")
 
 
 def is_variant_grid(grid: str) -> bool:
