@@ -52,7 +52,7 @@ def test_plan_matches_what_make_all_writes(tmp_path):
     synthetic.write_rho_grid(tmp_path, "alloc", budgets=("small", "medium"), seeds=2)
     synthetic.write_rho_grid(tmp_path, "alloc-seeds", budgets=("small",), seeds=1)
     synthetic.write_memory_grid(tmp_path, "memory")
-    written = [p.name for p in plots.make_all(tmp_path, tmp_path / "fig", n_boot=20)]
+    written = [p.name for p in plots.make_all(tmp_path, tmp_path / "fig", n_boot=10)]
     assert written == plots.figure_files(tmp_path)
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == sorted(written)
 
@@ -111,8 +111,8 @@ def test_significant_rounds_values_and_keeps_zeros_and_nans():
 def test_real_figure_renders_twice_identically(tmp_path):
     """A committed grid's memory-scaling figure (power law, bootstrap band), drawn twice."""
     runs = load.load_runs(ROOT / "results" / "memory-smoke")
-    a = plots.save(plots.plot_memory(runs, n_boot=40), tmp_path / "a", "m")
-    b = plots.save(plots.plot_memory(runs, n_boot=40), tmp_path / "b", "m")
+    a = plots.save(plots.plot_memory(runs, n_boot=12), tmp_path / "a", "m")
+    b = plots.save(plots.plot_memory(runs, n_boot=12), tmp_path / "b", "m")
     for p, q in zip(a, b):
         assert p.read_bytes() == q.read_bytes(), p.name
 
