@@ -329,7 +329,7 @@ LATE_FIELDS: dict[str, tuple[str, ...]] = {
     "MoEConfig": ("dispatch", "grouped_matmul", "dropless_tile"),
     "EngramConfig": ("gate_per_branch",),
     "OverEncodingConfig": (),
-    "TrainConfig": ("final_eval_tokens", "optimizer", "muon_lr_mult"),
+    "TrainConfig": ("final_eval_tokens", "optimizer", "muon_lr_mult", "loss_chunk"),
 }
 
 
@@ -446,6 +446,10 @@ class TrainConfig:
         (tables at ``engram_lr_mult`` x the rate, no decay), as the Engram paper trains
         (docs/paper.md section 1.8 (Training)). See ``optim.make_optimizer``.
       muon_lr_mult: the Muon group's peak rate is ``lr * muon_lr_mult``.
+      loss_chunk: 0 computes the LM head's float32 logits [B, T, V] whole (as every committed
+        result did); n > 0 computes the head and the cross-entropy over chunks of n positions
+        under ``jax.checkpoint`` (``optim.chunked_cross_entropy``): the same loss to rounding,
+        with one chunk's logits [n, V] alive at a time.
     """
 
     steps: int = 200
@@ -469,6 +473,7 @@ class TrainConfig:
     final_eval_tokens: int = 0
     optimizer: str = "adamw"
     muon_lr_mult: float = 1.0
+    loss_chunk: int = 0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -479,6 +484,8 @@ class TrainConfig:
             raise ValueError(f"final_eval_tokens must be >= 0, got {self.final_eval_tokens}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0 (0: the full logits), got {self.loss_chunk}")
         if self.muon_lr_mult <= 0:
             raise ValueError(f"muon_lr_mult must be > 0, got {self.muon_lr_mult}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):

@@ -9,8 +9,10 @@ a message instead of an hour in. The plan is an upper-bound estimate, not XLA's 
   compute dtype: the residual stream and norms, q/k/v/output, the attention scores and
   probabilities (``jax.nn.dot_product_attention``'s XLA path materialises [B, N, T, T]; the
   scores counted in float32), the SwiGLU or MoE hidden states (MoE: capacity buffers, cf * K
-  slots per token), the Engram memory read and its gate/conv; plus the float32 logits and their
-  gradient over the vocabulary;
+  slots per token, or the dropless path's rows), the Engram memory read and its gate/conv; plus
+  the float32 logits and their gradient over the vocabulary: for every position, or with
+  ``TrainConfig.loss_chunk`` for one chunk of that many positions
+  (``optim.chunked_cross_entropy``);
 - a fixed 1 GiB for XLA's workspace and the input batch.
 
 Measured on an H200 (JAX 0.11.2), two steps at the grids' batches: ``gpu-s`` rho 0.4 peaked at
@@ -76,6 +78,10 @@ def memory_plan(cfg: ModelConfig, tcfg: TrainConfig, *, platform: str = "cuda") 
         if cfg.moe is not None and i >= cfg.n_dense_layers:
             m = cfg.moe
             slots = m.capacity_factor * m.top_k
+            if m.dispatch == "dropless":  # the tiled (or exact) rows of the dropless buffer
+                from engram_jax.counting import routed_rows_executed
+
+                slots = routed_rows_executed(cfg, tokens) / tokens
             ffn = (b * (2 * D + slots * (2 * D + 3 * m.d_expert) + m.n_shared * 3 * m.d_expert)
                    + 4 * 2 * m.n_routed)  # router logits and gates in float32
         eng = 0
@@ -85,7 +91,10 @@ def memory_plan(cfg: ModelConfig, tcfg: TrainConfig, *, platform: str = "cuda") 
             eng = b * (2 * width + 6 * D)
         per_layer.append(attn_per_token + ffn + eng)
     activations = tokens * sum(per_layer)
-    logits = tokens * cfg.vocab_size * (4 + 4 + b)  # float32 logits, their gradient, bf16 head out
+    # float32 logits, their gradient, the head's output in the compute dtype: for every position,
+    # or for one chunk of the chunked loss at a time
+    logit_rows = min(tcfg.loss_chunk, tokens) if tcfg.loss_chunk else tokens
+    logits = logit_rows * cfg.vocab_size * (4 + 4 + b)
     plan = {"params": 4 * on_device, "grads": 4 * on_device, "optimizer": 8 * on_device,
             "activations": int(activations), "logits": int(logits), "workspace": WORKSPACE}
     plan["total"] = sum(plan.values())

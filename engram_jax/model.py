@@ -108,6 +108,15 @@ class HybridLM(nnx.Module):
 
     def __call__(self, tokens_BxT: jax.Array, hash_ids: dict | None = None,
                  memory: dict | None = None):
+        h, head, aux = self.hidden(tokens_BxT, hash_ids, memory)
+        logits = project(h, head, preferred_element_type=jnp.float32)  # btd,dv->btv
+        return logits, aux
+
+    def hidden(self, tokens_BxT: jax.Array, hash_ids: dict | None = None,
+               memory: dict | None = None):
+        """The model up to the LM head: ``(h [B, T, D] after the final norm, the head [D, V] in
+        the compute dtype, aux)``; ``__call__`` is ``project(h, head)`` in float32. A loss that
+        never builds the full logits (``optim.chunked_cross_entropy``) starts from here."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         hash_ids = hash_ids or {}
@@ -130,12 +139,11 @@ class HybridLM(nnx.Module):
             h = collapse(h)
         h = self.final_norm(h)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = project(h, head.astype(dt), preferred_element_type=jnp.float32)  # btd,dv->btv
         aux = {
             "load": jnp.stack(loads) if loads else jnp.zeros((0,), jnp.float32),
             "aux_loss": jnp.mean(jnp.stack(auxes)) if auxes else jnp.float32(0.0),
         }
-        return logits, aux
+        return h, head.astype(dt), aux
 
 
 def count_params(model: nnx.Module) -> int:

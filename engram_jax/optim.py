@@ -152,6 +152,40 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     return jnp.mean(logz - tgt)
 
 
+def chunked_cross_entropy(h_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
+                          chunk: int) -> jax.Array:
+    """``cross_entropy(project(h, head), targets)`` without the [B, T, V] logits: the B * T
+    positions in chunks of ``chunk`` (the last one padded and masked out), each chunk's float32
+    logits [chunk, V], log-normaliser and target logit computed inside a ``jax.lax.scan`` step
+    under ``jax.checkpoint``, so the backward pass recomputes one chunk's logits at a time
+    instead of keeping them all. Equal to the full loss up to float rounding (a sum of chunk
+    sums divided by B * T instead of one mean)."""
+    from engram_jax.layers.common import project
+
+    B, T, D = h_BxTxD.shape
+    N = B * T
+    n_chunks = -(-N // chunk)
+    pad = n_chunks * chunk - N
+    h_NxD = jnp.pad(h_BxTxD.reshape(N, D), ((0, pad), (0, 0)))
+    t_N = jnp.pad(targets_BxT.reshape(N), (0, pad))
+    valid_N = jnp.arange(n_chunks * chunk) < N
+
+    @jax.checkpoint
+    def chunk_sum(h_CxD, t_C, valid_C):
+        logits_CxV = project(h_CxD, head_DxV, preferred_element_type=jnp.float32)
+        logz = jax.nn.logsumexp(logits_CxV, axis=-1)
+        tgt = jnp.take_along_axis(logits_CxV, t_C[:, None], axis=-1)[:, 0]
+        return jnp.sum(jnp.where(valid_C, logz - tgt, 0.0))
+
+    def body(total, xs):
+        return total + chunk_sum(*xs), None
+
+    xs = (h_NxD.reshape(n_chunks, chunk, D), t_N.reshape(n_chunks, chunk),
+          valid_N.reshape(n_chunks, chunk))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total / N
+
+
 def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
                tx: optax.GradientTransformation):
     """Build ``train_step(state, batch) -> (state, metrics)`` and ``eval_step(state, batch)``.
@@ -165,8 +199,12 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         tok = batch["tokens"]
-        logits, aux = model(tok[:, :-1], batch["hash_ids"], batch.get("memory"))
-        ce = cross_entropy(logits, tok[:, 1:])
+        if tcfg.loss_chunk:
+            h, head, aux = model.hidden(tok[:, :-1], batch["hash_ids"], batch.get("memory"))
+            ce = chunked_cross_entropy(h, head, tok[:, 1:], tcfg.loss_chunk)
+        else:
+            logits, aux = model(tok[:, :-1], batch["hash_ids"], batch.get("memory"))
+            ce = cross_entropy(logits, tok[:, 1:])
         return ce + aux_coef * aux["aux_loss"], (ce, aux)
 
     def train_step(state: TrainState, batch):
