@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from engram_jax.parallel.mesh import MeshShape
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MoEConfig:
@@ -329,7 +331,8 @@ LATE_FIELDS: dict[str, tuple[str, ...]] = {
     "MoEConfig": ("dispatch", "grouped_matmul", "dropless_tile"),
     "EngramConfig": ("gate_per_branch",),
     "OverEncodingConfig": (),
-    "TrainConfig": ("final_eval_tokens", "optimizer", "muon_lr_mult", "loss_chunk"),
+    "TrainConfig": ("final_eval_tokens", "optimizer", "muon_lr_mult", "loss_chunk",
+                    "mesh", "grad_accum", "remat"),
 }
 
 
@@ -446,6 +449,15 @@ class TrainConfig:
         (tables at ``engram_lr_mult`` x the rate, no decay), as the Engram paper trains
         (docs/paper.md section 1.8 (Training)). See ``optim.make_optimizer``.
       muon_lr_mult: the Muon group's peak rate is ``lr * muon_lr_mult``.
+      mesh: the devices of one trial and how they split it (``parallel.MeshShape``: data, fsdp
+        and expert axes; a mapping ``{data: 2, fsdp: 2, expert: 2}`` or ``"data=2,fsdp=2"`` is
+        read into one). Default one device, the program without a mesh. See engram_jax/parallel.
+      grad_accum: micro-batches per step: the batch is split into this many (sequences i,
+        i + grad_accum, ...), their gradients summed before one update; the same step as the
+        whole batch to float rounding for dense models and dropless MoE (capacity buffers and
+        the auxiliary balance loss are per micro-batch), with a micro-batch's activations alive.
+      remat: "none" keeps every activation for the backward pass; "block" keeps only each
+        decoder block's input and recomputes the block in the backward pass (``nnx.remat``).
       loss_chunk: 0 computes the LM head's float32 logits [B, T, V] whole (as every committed
         result did); n > 0 computes the head and the cross-entropy over chunks of n positions
         under ``jax.checkpoint`` (``optim.chunked_cross_entropy``): the same loss to rounding,
@@ -474,10 +486,21 @@ class TrainConfig:
     optimizer: str = "adamw"
     muon_lr_mult: float = 1.0
     loss_chunk: int = 0
+    mesh: MeshShape = MeshShape()
+    grad_accum: int = 1
+    remat: str = "none"
 
     def __post_init__(self):
+        object.__setattr__(self, "mesh", MeshShape.parse(self.mesh))
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be an integer >= 1, got {self.grad_accum!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} does not split into grad_accum="
+                             f"{self.grad_accum} equal micro-batches")
+        if self.remat not in ("none", "block"):
+            raise ValueError(f"remat must be 'none' or 'block', got {self.remat!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.final_eval_tokens < 0:

@@ -188,11 +188,22 @@ def chunked_cross_entropy(h_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: 
 
 def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
                tx: optax.GradientTransformation):
-    """Build ``train_step(state, batch) -> (state, metrics)`` and ``eval_step(state, batch)``.
+    """``step_functions`` jitted for one device (the state donated). A trial jits them with its
+    mesh's shardings instead (``parallel.sharding.Parallel.jit_steps``)."""
+    train_step, eval_step = step_functions(graphdef, cfg, tcfg, tx)
+    return jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step)
+
+
+def step_functions(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
+                   tx: optax.GradientTransformation):
+    """Build ``train_step(state, batch) -> (state, metrics)`` and ``eval_step(state, batch)``,
+    pure functions to jit.
 
     A batch is ``{"tokens": int32 [B, T+1], "hash_ids": {layer: int32 [B, T, G]}}``; optional
-    ``"memory": {layer: [B, T, M]}`` carries host-fetched Engram rows (offloaded tables).
+    ``"memory": {layer: [B, T, M]}`` carries host-fetched Engram rows (offloaded tables). The
+    train step sums the gradients of ``tcfg.grad_accum`` micro-batches (``microbatch``).
     """
+    from engram_jax import microbatch
     moe = cfg.moe
     aux_coef = moe.aux_coef if moe is not None and moe.balance == "aux" else 0.0
 
@@ -208,7 +219,7 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
         return ce + aux_coef * aux["aux_loss"], (ce, aux)
 
     def train_step(state: TrainState, batch):
-        (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (ce, aux)), grads = microbatch.value_and_grad(loss_fn, tcfg.grad_accum)(
             state.params, state.rest, batch)
         return _finish_step(graphdef, cfg, tx, state, grads, ce, loss, aux, optax.tree.norm(grads))
 
@@ -216,8 +227,11 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
         return loss_fn(state.params, state.rest, batch)[1][0]
 
     if cfg.engram is not None and cfg.engram.offload:
+        if tcfg.grad_accum > 1:
+            raise ValueError("grad_accum > 1 with offloaded Engram tables (engram.offload) is not "
+                             "supported: the host applies each step's row gradients once")
         train_step = _offload_train_step(loss_fn, graphdef, cfg, tcfg, tx)
-    return jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step)
+    return train_step, eval_step
 
 
 def _offload_train_step(loss_fn, graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx):

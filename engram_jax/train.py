@@ -28,6 +28,7 @@ from flax import nnx
 from engram_jax import host_malloc
 from engram_jax.config import ModelConfig, TrainConfig, preset, train_dict
 from engram_jax.counting import flops_per_token, flops_per_token_6n
+from engram_jax.parallel.mesh import check_mesh
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,6 +95,7 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
     """
     t_start = time.time()
     cfg = resolve_dtype(model_cfg, train_cfg)
+    check_mesh(train_cfg.mesh, cfg, train_cfg, devices=jax.device_count())  # before any work
     out = Path(out_dir).absolute()
     done = _claim_out_dir(cfg, train_cfg, corpus, out)
     if done is not None:
@@ -112,13 +114,25 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
     return record
 
 
+# TrainConfig fields that say how a step is computed, not what it computes: a run resumes with
+# other values of them (another mesh, more micro-batches) and continues to float rounding.
+EXECUTION_FIELDS = ("mesh", "grad_accum", "remat")
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    strip = lambda d: {**d, "train": {k: v for k, v in d.get("train", {}).items()  # noqa: E731
+                                      if k not in EXECUTION_FIELDS}}
+    return strip(a) == strip(b)
+
+
 def _claim_out_dir(cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path) -> dict | None:
-    """The stored record if ``out`` holds this finished run; refuses a directory of another run."""
+    """The stored record if ``out`` holds this finished run; refuses a directory of another run
+    (``EXECUTION_FIELDS`` may differ: a run started on one mesh resumes on another)."""
     run_spec = {"model": cfg.to_dict(), "train": train_dict(tcfg), "corpus": corpus}
     cfg_path = out / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        if old != json.loads(json.dumps(run_spec)):
+        if not _same_run(old, json.loads(json.dumps(run_spec))):
             raise ValueError(f"{out} holds a run with a different config; choose another output "
                              "directory (nothing was changed)")
         if (out / "record.json").exists():
@@ -141,9 +155,11 @@ class _Run:
         from engram_jax import data as data_lib
         from engram_jax.checkpoint import Checkpointer
         from engram_jax.model import HybridLM
-        from engram_jax.optim import TrainState, make_optimizer, make_steps, schedule
+        from engram_jax.optim import TrainState, make_optimizer, schedule, step_functions
+        from engram_jax.parallel.sharding import Parallel
 
         self = cls()
+        self.par = par = Parallel(tcfg.mesh, cfg, tcfg)
         self.cfg, self.tcfg, self.corpus, self.out, self.progress = cfg, tcfg, corpus, out, progress
         self.data = data_lib.prepare(corpus, cfg.vocab_size, progress=progress)
         self.hash_fn = data_lib.make_hash_fn(cfg.engram, self.data, cfg.vocab_size) if cfg.engram else None
@@ -155,13 +171,17 @@ class _Run:
             self.store = HostTables(model, tcfg)  # tables + their Adam state in host memory
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         del model
+        # Built on one device, then split over the mesh; the optimizer moments are made from the
+        # split parameters, so they are split alike.
+        params = par.put(par.pad_tables(params))
         tx = make_optimizer(tcfg, clip=self.store is None)
-        state = TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))
+        state = par.put(TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32)))
         self.ckpt = Checkpointer(out / "ckpt")
         self.state, self.start = self.ckpt.restore_latest(state)
         if self.store is not None and self.start > 0:
             self.store.restore(out / "host_tables", self.start)
-        self.train_step, self.eval_step = make_steps(graphdef, cfg, tcfg, tx)
+        self.train_step, self.eval_step = par.jit_steps(
+            *step_functions(graphdef, cfg, tcfg, tx), self.state)
         self.lr_at = schedule(tcfg, tcfg.lr)
         self.val = self._eval_set(tcfg.eval_batches)
         self.metrics_path = out / "metrics.jsonl"
@@ -176,7 +196,7 @@ class _Run:
         B, T = self.tcfg.batch_size, self.cfg.seq_len
         val = data_lib.eval_batches(self.data.val_tokens, batch_size=B, seq_len=T,
                                     n_batches=n_batches, hash_fn=self.hash_fn)
-        return [jax.device_put(b) for b in val]
+        return [self.par.put_batch(b) for b in val]
 
     def evaluate(self, batches: list[dict]) -> float:
         """Mean loss over ``batches`` (every batch has the same number of tokens)."""
@@ -209,7 +229,7 @@ class _Run:
         batches = data_lib.BatchIterator(
             self.data.train_tokens, batch_size=B, seq_len=T, seed=tcfg.seed, hash_fn=self.hash_fn,
             start_step=self.start, prefetch=tcfg.prefetch,
-            post_fn=store.prefetch if store is not None else None)
+            post_fn=store.prefetch if store is not None else self.par.put_batch)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -317,7 +337,27 @@ class _Run:
             "jax_version": jax.__version__, "flax_version": __import__("flax").__version__,
             "optax_version": __import__("optax").__version__,
             "corpus": self.corpus, "corpus_fingerprint": self.data.fingerprint,
+            **self._parallel_fields(),
         }
+
+    def _parallel_fields(self) -> dict:
+        """How the trial ran, where it was not the default: the mesh, the devices and what one
+        of them held (parameters, optimizer state), micro-batches and rematerialisation."""
+        tcfg, out = self.tcfg, {}
+        if tcfg.mesh.size > 1:
+            from engram_jax.parallel.rules import per_device_params
+
+            out.update({"mesh": str(tcfg.mesh), "devices": tcfg.mesh.size,
+                        "params_per_device": per_device_params(self.cfg, tcfg.mesh)["total"],
+                        "state_bytes_per_device": self.par.per_device_bytes(self.state)})
+            if self.seconds_timed > 0:
+                out["tokens_per_s_per_device"] = (self.tokens_timed / self.seconds_timed
+                                                  / tcfg.mesh.size)
+        if tcfg.grad_accum > 1:
+            out["grad_accum"] = tcfg.grad_accum
+        if tcfg.remat != "none":
+            out["remat"] = tcfg.remat
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output directory (resumed if it holds this run)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a TrainConfig field (lr=1e-3) or model key (moe.top_k=2)")
+    ap.add_argument("--mesh", metavar="data=N,fsdp=N,expert=N",
+                    help="split the trial over a device mesh (engram_jax.parallel; axes left "
+                         "out are 1); data*fsdp*expert must equal the devices JAX sees (on the "
+                         "CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N). Default: one "
+                         "device")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--compile-cache", default="default", metavar="DIR|default|off",
                     help="JAX's persistent compilation cache (default: $ENGRAM_JAX_COMPILE_CACHE "
@@ -371,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.with_overrides(model_o)
         if a.steps is not None:
             train_o["steps"] = a.steps
+        if a.mesh is not None:
+            train_o["mesh"] = a.mesh
         tcfg = TrainConfig(**train_o)
         from engram_jax.data import resolve_corpus
 
