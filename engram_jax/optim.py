@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from engram_jax.config import ModelConfig, TrainConfig
+from engram_jax.layers import stats
 from engram_jax.layers.moe import updated_bias
 
 
@@ -187,17 +188,18 @@ def chunked_cross_entropy(h_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: 
 
 
 def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
-               tx: optax.GradientTransformation):
+               tx: optax.GradientTransformation, *, eval_stats: bool = False):
     """``step_functions`` jitted for one device (the state donated). A trial jits them with its
     mesh's shardings instead (``parallel.sharding.Parallel.jit_steps``)."""
-    train_step, eval_step = step_functions(graphdef, cfg, tcfg, tx)
+    train_step, eval_step = step_functions(graphdef, cfg, tcfg, tx, eval_stats=eval_stats)
     return jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step)
 
 
 def step_functions(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
-                   tx: optax.GradientTransformation):
+                   tx: optax.GradientTransformation, *, eval_stats: bool = False):
     """Build ``train_step(state, batch) -> (state, metrics)`` and ``eval_step(state, batch)``,
-    pure functions to jit.
+    pure functions to jit. ``eval_step`` returns the mean loss, or with ``eval_stats``
+    ``{"loss": ..., **STAT_KEYS}`` (the train step's metrics carry those statistics too).
 
     A batch is ``{"tokens": int32 [B, T+1], "hash_ids": {layer: int32 [B, T, G]}}``; optional
     ``"memory": {layer: [B, T, M]}`` carries host-fetched Engram rows (offloaded tables). The
@@ -210,12 +212,16 @@ def step_functions(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         tok = batch["tokens"]
+        forward = type(model).hidden if tcfg.loss_chunk else type(model).__call__
+        out, recorded = stats.collect(forward, model, tok[:, :-1], batch["hash_ids"],
+                                      batch.get("memory"))
         if tcfg.loss_chunk:
-            h, head, aux = model.hidden(tok[:, :-1], batch["hash_ids"], batch.get("memory"))
+            h, head, aux = out
             ce = chunked_cross_entropy(h, head, tok[:, 1:], tcfg.loss_chunk)
         else:
-            logits, aux = model(tok[:, :-1], batch["hash_ids"], batch.get("memory"))
+            logits, aux = out
             ce = cross_entropy(logits, tok[:, 1:])
+        aux = {**aux, **step_stats(cfg, aux, recorded, tokens=tok.shape[0] * (tok.shape[1] - 1))}
         return ce + aux_coef * aux["aux_loss"], (ce, aux)
 
     def train_step(state: TrainState, batch):
@@ -224,7 +230,10 @@ def step_functions(graphdef: nnx.GraphDef, cfg: ModelConfig, tcfg: TrainConfig,
         return _finish_step(graphdef, cfg, tx, state, grads, ce, loss, aux, optax.tree.norm(grads))
 
     def eval_step(state: TrainState, batch):
-        return loss_fn(state.params, state.rest, batch)[1][0]
+        ce, aux = loss_fn(state.params, state.rest, batch)[1]
+        if not eval_stats:
+            return ce
+        return {"loss": ce, **{k: aux[k] for k in STAT_KEYS if k in aux}}
 
     if cfg.engram is not None and cfg.engram.offload:
         if tcfg.grad_accum > 1:
@@ -290,4 +299,26 @@ def _finish_step(graphdef, cfg: ModelConfig, tx, state: TrainState, grads, ce, l
     if moe is not None:
         load = aux["load"]
         metrics["max_load"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
+    metrics.update({k: aux[k] for k in STAT_KEYS if k in aux})
     return TrainState(params, opt_state, rest, state.step + 1), metrics
+
+
+# Per-layer statistics of a step, beside the loss in the train step's metrics and in what the
+# eval step returns: the MoE layers' drop rates [n_moe] and the Engram layers' mean gates
+# [n_engram] (layers in order).
+STAT_KEYS = ("moe_drop_rate", "engram_gate")
+
+
+def step_stats(cfg: ModelConfig, aux: dict, recorded: dict, *, tokens: int) -> dict:
+    """The statistics of a forward pass run through ``stats.collect``: each MoE layer's drop
+    rate (from its load and the capacity of ``tokens`` tokens: zero for dropless) and each Engram
+    layer's mean gate (recorded by the layer)."""
+    from engram_jax.layers.moe import drop_rate
+
+    out = {}
+    if cfg.moe is not None:
+        out["moe_drop_rate"] = drop_rate(aux["load"], cfg.moe, tokens)
+    gates = recorded.get("gate_mean")
+    if gates:
+        out["engram_gate"] = jnp.stack([jnp.asarray(v, jnp.float32) for v in gates.values()])
+    return out

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from engram_jax import host_malloc
+from engram_jax import host_malloc, trainmetrics
 from engram_jax.config import ModelConfig, TrainConfig, preset, train_dict
 from engram_jax.counting import flops_per_token, flops_per_token_6n
 from engram_jax.parallel.mesh import check_mesh
@@ -181,13 +181,15 @@ class _Run:
         if self.store is not None and self.start > 0:
             self.store.restore(out / "host_tables", self.start)
         self.train_step, self.eval_step = par.jit_steps(
-            *step_functions(graphdef, cfg, tcfg, tx), self.state)
+            *step_functions(graphdef, cfg, tcfg, tx, eval_stats=True), self.state)
         self.lr_at = schedule(tcfg, tcfg.lr)
         self.val = self._eval_set(tcfg.eval_batches)
         self.metrics_path = out / "metrics.jsonl"
         self.rows = _read_metrics(self.metrics_path, self.start)
         _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.tokens_timed, self.seconds_timed = 0, 0.0
+        self.eval_stats = {}  # the last evaluation's mean MoE drop rates and Engram gates
+        self.peak, self.n_devices = trainmetrics.trial_peak(cfg)  # rated peak for MFU, or None
         return self
 
     def _eval_set(self, n_batches: int) -> list[dict]:
@@ -199,12 +201,16 @@ class _Run:
         return [self.par.put_batch(b) for b in val]
 
     def evaluate(self, batches: list[dict]) -> float:
-        """Mean loss over ``batches`` (every batch has the same number of tokens)."""
+        """Mean loss over ``batches`` (every batch has the same number of tokens); the mean of
+        the statistics the eval step returns with it is kept in ``self.eval_stats``."""
         st, store = self.state, self.store
         if store is not None:  # the current host rows, gathered now
-            return float(np.mean([float(self.eval_step(st, {**b, "memory": store.gather(
-                store.rows(b["hash_ids"]))})) for b in batches]))
-        return float(np.mean([float(self.eval_step(st, b)) for b in batches]))
+            outs = [jax.device_get(self.eval_step(st, {**b, "memory": store.gather(
+                store.rows(b["hash_ids"]))})) for b in batches]
+        else:
+            outs = [jax.device_get(self.eval_step(st, b)) for b in batches]
+        self.eval_stats = trainmetrics.mean_stats(outs)
+        return float(np.mean([float(o["loss"]) for o in outs]))
 
     def _log(self, row: dict, report) -> None:
         self.rows.append(row)
@@ -251,6 +257,10 @@ class _Run:
                    "grad_norm": float(m["grad_norm"])}
             if "max_load" in m:
                 row["max_load"] = float(m["max_load"])
+            row.update(trainmetrics.step_fields(m, self.cfg, tokens_per_s=tps, peak=self.peak,
+                                                n_devices=self.n_devices))
+            if val_loss is not None:
+                row.update(trainmetrics.stat_fields(self.eval_stats, self.cfg, prefix="val_"))
             self._log(row, report)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", val=f"{best_val:.3f}")
@@ -332,6 +342,9 @@ class _Run:
             "val_loss": val_loss, "val_tokens": val_tokens,
             "best_val_loss": min([r["val_loss"] for r in evals] + [val_loss]),
             "tokens_per_s": self.tokens_timed / self.seconds_timed if self.seconds_timed > 0 else None,
+            **trainmetrics.record_fields(
+                final, self.eval_stats, cfg, peak=self.peak, n_devices=self.n_devices,
+                tokens_per_s=self.tokens_timed / self.seconds_timed if self.seconds_timed > 0 else None),
             "wall_s": time.time() - t_start, "device_kind": jax.devices()[0].device_kind,
             "platform": jax.default_backend(), "git_commit": _git_commit(),
             "jax_version": jax.__version__, "flax_version": __import__("flax").__version__,

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from engram_jax.config import EngramConfig
+from engram_jax.layers import stats
 from engram_jax.layers.common import RMSNorm, normal, project
 
 CONV_NORM_EPS = 1e-5  # demo ShortConv(norm_eps=1e-5)
@@ -100,7 +101,9 @@ class Engram(nnx.Module):
                 axis=-1, keepdims=True,
             ) / jnp.sqrt(jnp.float32(self.d_model))
             s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), 1e-6))
-            v = (jax.nn.sigmoid(s) * v.astype(jnp.float32)).astype(dt)
+            alpha = jax.nn.sigmoid(s)
+            stats.record(self, "gate_mean", jnp.mean(alpha))  # only when a step collects
+            v = (alpha * v.astype(jnp.float32)).astype(dt)
         if not self.cfg.conv:
             return v
         return v + jax.nn.silu(causal_depthwise_conv(self.conv_norm(v), self.conv_w[...].astype(dt),

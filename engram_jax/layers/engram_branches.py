@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from engram_jax.config import EngramConfig
+from engram_jax.layers import stats
 from engram_jax.layers.common import RMSNorm
 from engram_jax.layers.engram import CONV_NORM_EPS, GATE_NORM_EPS, Engram, causal_depthwise_conv
 
@@ -106,6 +107,7 @@ class MultiBranchEngram(Engram):
             else:
                 query = jnp.mean(H_BxTxMxD.astype(jnp.float32), axis=2).astype(dt)
                 a_BxTxN = jnp.broadcast_to(self.gates[0](e, query)[:, :, None], (B, T, nb))
+            stats.record(self, "gate_mean", jnp.mean(a_BxTxN.astype(jnp.float32)))
             v = (a_BxTxN[..., None] * v_BxTxD[:, :, None, :].astype(jnp.float32)).astype(dt)
         else:
             v = jnp.broadcast_to(v_BxTxD[:, :, None, :], (B, T, nb, D))
