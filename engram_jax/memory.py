@@ -15,6 +15,13 @@ a message instead of an hour in. The plan is an upper-bound estimate, not XLA's 
   (``optim.chunked_cross_entropy``);
 - a fixed 1 GiB for XLA's workspace and the input batch.
 
+Per device of the trial's mesh (``TrainConfig.mesh``, engram_jax/parallel): parameters, gradients
+and moments as the mesh splits them (``parallel.rules.per_device_params``), activations and
+logits for the device's slice of the batch. ``TrainConfig.grad_accum`` counts the activations of
+one micro-batch and a second gradient buffer (the sum the micro-batches add to);
+``TrainConfig.remat = "block"`` keeps each block's input for the backward pass plus one block's
+activations (the block being recomputed).
+
 Measured on an H200 (JAX 0.11.2), two steps at the grids' batches: ``gpu-s`` rho 0.4 peaked at
 17.8 GiB (plan 20.4), ``gpu-m`` rho 0.4 at 61.6 GiB (plan 65.7).
 
@@ -59,16 +66,16 @@ def memory_plan(cfg: ModelConfig, tcfg: TrainConfig, *, platform: str = "cuda") 
     Returns:
       {"params", "grads", "optimizer", "activations", "logits", "workspace", "total"} in bytes.
     """
-    counts = cfg.param_counts()
-    on_device = counts["total"]
-    if cfg.engram is not None and cfg.engram.offload:
-        on_device -= counts["engram_tables"]
+    from engram_jax.parallel.rules import per_device_params
+
+    mesh = tcfg.mesh
+    on_device = per_device_params(cfg, mesh)["total"]  # offloaded tables left out
     dtype = tcfg.compute_dtype
     if dtype == "auto":
         dtype = "float32" if platform == "cpu" else "bfloat16"
     b = 2 if dtype == "bfloat16" else 4
     B, T, D, N = tcfg.batch_size, cfg.seq_len, cfg.d_model, cfg.n_heads
-    tokens = B * T
+    tokens = B * T // (tcfg.grad_accum * mesh.batch_ways)  # one micro-batch on one device
 
     attn_per_token = b * 7 * D + (4 + b) * N * T  # norm, residual, q, k, v, o, proj + scores/probs
     dense_ffn = b * (2 * D + 3 * cfg.d_ff)
@@ -91,11 +98,14 @@ def memory_plan(cfg: ModelConfig, tcfg: TrainConfig, *, platform: str = "cuda") 
             eng = b * (2 * width + 6 * D)
         per_layer.append(attn_per_token + ffn + eng)
     activations = tokens * sum(per_layer)
+    if tcfg.remat == "block":  # the blocks' inputs, and one block's activations at a time
+        activations = tokens * (cfg.n_layers * b * cfg.hc_mult * D + max(per_layer))
     # float32 logits, their gradient, the head's output in the compute dtype: for every position,
     # or for one chunk of the chunked loss at a time
     logit_rows = min(tcfg.loss_chunk, tokens) if tcfg.loss_chunk else tokens
     logits = logit_rows * cfg.vocab_size * (4 + 4 + b)
-    plan = {"params": 4 * on_device, "grads": 4 * on_device, "optimizer": 8 * on_device,
+    grads = 4 * on_device * (2 if tcfg.grad_accum > 1 else 1)
+    plan = {"params": 4 * on_device, "grads": grads, "optimizer": 8 * on_device,
             "activations": int(activations), "logits": int(logits), "workspace": WORKSPACE}
     plan["total"] = sum(plan.values())
     return plan

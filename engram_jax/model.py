@@ -95,8 +95,11 @@ class HybridLM(nnx.Module):
     to each expert, before capacity drops) and ``aux_loss`` (mean switch balance loss).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+        """``remat="block"`` keeps only each block's input for the backward pass and recomputes
+        the block there (``TrainConfig.remat``); "none" keeps every activation."""
         self.cfg = cfg
+        self.remat = remat
         D, V = cfg.d_model, cfg.vocab_size
         self.embed = normal(rngs, (V, D), 1.0)
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
@@ -131,7 +134,8 @@ class HybridLM(nnx.Module):
             hid = hash_ids.get(blk.layer_id) if blk.engram is not None else None
             if blk.engram is not None and hid is None and blk.layer_id not in memory:
                 raise ValueError(f"layer {blk.layer_id} has an Engram module but no hash ids were given")
-            h, load, aux = blk(h, hid, memory.get(blk.layer_id))
+            call = _remat_block if self.remat == "block" else _block
+            h, load, aux = call(blk, h, hid, memory.get(blk.layer_id))
             if load is not None:
                 loads.append(load)
                 auxes.append(aux)
@@ -144,6 +148,25 @@ class HybridLM(nnx.Module):
             "aux_loss": jnp.mean(jnp.stack(auxes)) if auxes else jnp.float32(0.0),
         }
         return h, head.astype(dt), aux
+
+
+def _block(blk: Block, h, hash_ids, memory):
+    return blk(h, hash_ids, memory)
+
+
+def _remat_block(blk: Block, h, hash_ids, memory):
+    """``blk(h, hash_ids, memory)`` under ``jax.checkpoint``: only its inputs are kept for the
+    backward pass, which runs the block again. Values the block sows (``nnx.Intermediate``)
+    are carried out to it, as without rematerialisation."""
+    graphdef, state = nnx.split(blk)
+
+    def run(state, h, hash_ids, memory):
+        b = nnx.merge(graphdef, state)
+        return b(h, hash_ids, memory), nnx.state(b, nnx.Intermediate)
+
+    out, sown = jax.checkpoint(run)(state, h, hash_ids, memory)
+    nnx.update(blk, sown)
+    return out
 
 
 def count_params(model: nnx.Module) -> int:

@@ -3,7 +3,7 @@
 ``python -m tests.mesh_worker SPEC_JSON`` with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
 set before JAX starts (the device count is fixed when JAX initialises, so the tests run this in a
 subprocess). SPEC: ``{"preset": name, "overrides": {...}, "train": {...}, "steps": n,
-"meshes": ["data=1", "data=2,fsdp=2,expert=2", ...], "shards": bool}``. Each mesh trains the
+"meshes": ["data=1", "data=2,fsdp=2,expert=2", ...], "shards": bool, "eval": bool}``. Each mesh trains the
 same model from the same initial weights on the same synthetic batches through
 ``Parallel.jit_steps``, exactly as ``engram_jax.train`` does; prints one JSON line:
 ``{"losses": {mesh: [loss per step]}, "grad_norms": {...}, "eval": {mesh: loss}, "shards":
@@ -44,7 +44,8 @@ def run(spec: dict) -> dict:
         tcfg = TrainConfig(**{**spec.get("train", {}), "mesh": mesh})
         data = batches(cfg, tcfg.batch_size, spec["steps"])
         par = Parallel(tcfg.mesh, cfg, tcfg)
-        graphdef, params, rest = nnx.split(HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed)), nnx.Param, ...)
+        model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed), remat=tcfg.remat)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         params = par.put(par.pad_tables(params))
         tx = make_optimizer(tcfg)
         state = par.put(TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32)))
@@ -55,7 +56,8 @@ def run(spec: dict) -> dict:
             losses.append(float(m["loss"]))
             norms.append(float(m["grad_norm"]))
         result["losses"][mesh], result["grad_norms"][mesh] = losses, norms
-        result["eval"][mesh] = float(eval_step(state, par.put_batch(data[-1])))
+        if spec.get("eval", True):
+            result["eval"][mesh] = float(eval_step(state, par.put_batch(data[-1])))
         if spec.get("shards"):
             shards = {}
             for path, x in jax.tree_util.tree_leaves_with_path(state.params):

@@ -172,11 +172,10 @@ def test_meshes_match_one_device_and_split_their_parameters():
     the AdamW moments alike. (The other meshes: the slow test below.)"""
     meshes = ["data=1", "fsdp=4,expert=2"]
     r = worker({"preset": "tiny", "steps": 2, "train": {"batch_size": 8}, "meshes": meshes,
-                "shards": True})
+                "shards": True, "eval": False})
     ref = r["losses"]["data=1"]
     for m in meshes[1:]:
         assert max(rel(a, b) for a, b in zip(r["losses"][m], ref)) < REL_TOL, (m, r["losses"])
-        assert rel(r["eval"][m], r["eval"]["data=1"]) < REL_TOL
     sh = r["shards"]["fsdp=4,expert=2"]
     rows = preset("tiny").engram.rows()[1]
     assert all(s == [16, 32] for s in sh["blocks/0/moe/shared/w_gate"][1:])  # [64, 32] / fsdp 4
@@ -229,8 +228,9 @@ def cli(*args, devices: int = 1):
 @pytest.mark.parametrize("args, devices, message", [
     (["--mesh", "data=2,fsdp=2,expert=2"], 4, "uses 8 devices but JAX sees 4"),
     (["--mesh", "expert=8"], 8, "does not divide the 42 routed experts"),
-    (["--mesh", "data=8", "--set", "batch_size=12"], 8, "batch_size=12 does not split"),
-    (["--mesh", "data=2,pipe=4"], 8, "unknown axis 'pipe'"),
+    pytest.param(["--mesh", "data=8", "--set", "batch_size=12"], 8, "batch_size=12 does not split",
+                 marks=pytest.mark.slow),
+    pytest.param(["--mesh", "data=2,pipe=4"], 8, "unknown axis 'pipe'", marks=pytest.mark.slow),
 ])
 def test_cli_refuses_bad_meshes_before_any_work(tmp_path, args, devices, message):
     out = tmp_path / "never"
