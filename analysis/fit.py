@@ -28,11 +28,11 @@ around the minimum is biased towards the flatter side. :func:`fit_u_curve` model
 Calibration (``python -m analysis.calibrate``; the table and its provenance are in
 ``results/calibration/``), 95% nominal, 3 seeds per rho on 0.3..1.0, noise 0.002-0.005:
 400 draws per family (seed 0; tuned on other draws), coverage / mean width / bias of rho*:
-symmetric 0.950 / 0.28 / -0.006; asymmetric, steep towards rho = 1: 0.958 / 0.20 / +0.004;
-steep towards small rho: 0.983 / 0.21 / -0.003; optimum 0.02-0.08 inside the upper edge:
+symmetric 0.953 / 0.28 / -0.006; asymmetric, steep towards rho = 1: 0.973 / 0.20 / +0.004;
+steep towards small rho: 0.988 / 0.21 / -0.003; optimum 0.02-0.08 inside the upper edge:
 0.965 / 0.24 / -0.027; inside the lower edge: 0.970 / 0.24 / +0.026. Flat, monotone and
 plateau curves: called U-shaped in 0 of 1200 draws. The slope of :func:`fit_optimum_vs_compute`
-(three budgets): 95% intervals cover the true slope in 0.950 of 200 draws. The intervals are
+(three budgets): 95% intervals cover the true slope in 0.960 of 200 draws. The intervals are
 wide (0.2-0.3 in rho at noise 0.002-0.005): that is what three seeds on a 0.1 grid support once
 the shape of the curve is not assumed. With one run per x the noise comes from a fitted curve's
 few residual dof and the shape test is weak; that setting is not calibrated.
