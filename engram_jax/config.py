@@ -223,6 +223,10 @@ class ModelConfig:
       rope_theta, norm_eps: RoPE base and the backbone RMSNorm epsilon (the Engram module's norms
         use the public demo's constants, layers/engram.py).
       dtype: compute dtype ("float32" or "bfloat16"); parameters are always float32.
+      attention: the attention kernel: "auto" (cuDNN's fused attention on a CUDA GPU for bf16 /
+        fp16 and head widths it supports, XLA's path elsewhere on an accelerator, the heads-major
+        XLA layout on the CPU: ``layers.attention.attention_impl``), or one of "cudnn", "xla",
+        "heads_major" to force it.
     """
 
     vocab_size: int
@@ -240,6 +244,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dtype: str = "float32"
     overencoding: OverEncodingConfig | None = None
+    attention: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"):
@@ -256,6 +261,9 @@ class ModelConfig:
                 f"hc_mult must be an integer >= 1 (1: a plain residual, M > 1: M hyper-connection "
                 f"branches), got {self.hc_mult!r}"
             )
+        if self.attention not in ("auto", "cudnn", "xla", "heads_major"):
+            raise ValueError(f"attention must be auto, cudnn, xla or heads_major, got "
+                             f"{self.attention!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.engram is not None:
@@ -327,7 +335,7 @@ class ModelConfig:
 # default, so committed results keep matching the configs that produced them. A new option is
 # added here with a default that reproduces the old behaviour.
 LATE_FIELDS: dict[str, tuple[str, ...]] = {
-    "ModelConfig": ("overencoding",),
+    "ModelConfig": ("overencoding", "attention"),
     "MoEConfig": ("dispatch", "grouped_matmul", "dropless_tile"),
     "EngramConfig": ("gate_per_branch",),
     "OverEncodingConfig": (),

@@ -48,7 +48,7 @@ class Block(nnx.Module):
             self.engram = MultiBranchEngram(D, cfg.engram, layer_id, cfg.hc_mult, rngs=rngs)
         self.attn_norm = RMSNorm(D, eps=cfg.norm_eps)
         self.attn = Attention(D, cfg.n_heads, n_layers=cfg.n_layers, rope_theta=cfg.rope_theta,
-                              rngs=rngs)
+                              rngs=rngs, impl=cfg.attention)
         self.ffn_norm = RMSNorm(D, eps=cfg.norm_eps)
         if layer_id in cfg.moe_layer_ids:
             self.moe = MoE(D, cfg.moe, n_layers=cfg.n_layers, rngs=rngs)

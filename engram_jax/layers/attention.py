@@ -1,4 +1,12 @@
-"""Causal multi-head self-attention with rotary position embeddings (RoPE)."""
+"""Causal multi-head self-attention with rotary position embeddings (RoPE).
+
+The attention core runs on one of three kernels (``attention_impl``): cuDNN's fused attention
+(``jax.nn.dot_product_attention(implementation="cudnn")``: no [B, N, T, T] scores in memory) on a
+CUDA GPU for bf16 / fp16 at head widths it supports, XLA's plain path
+(``implementation="xla"``, what ``implementation=None`` picks) elsewhere on an accelerator, and on
+the CPU the heads-major layout (``causal_attention_heads_major``), XLA's fastest there.
+``ModelConfig.attention`` forces one.
+"""
 
 from __future__ import annotations
 
@@ -26,24 +34,63 @@ class Attention(nnx.Module):
     """Causal MHA: W_q, W_k, W_v [D, N, Dh], W_o [N, Dh, D]; 4 * D^2 parameters, no biases."""
 
     def __init__(self, d_model: int, n_heads: int, *, n_layers: int, rope_theta: float,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, impl: str = "auto"):
         dh = d_model // n_heads
         self.wq = normal(rngs, (d_model, n_heads, dh), d_model**-0.5)
         self.wk = normal(rngs, (d_model, n_heads, dh), d_model**-0.5)
         self.wv = normal(rngs, (d_model, n_heads, dh), d_model**-0.5)
         self.wo = normal(rngs, (n_heads, dh, d_model), (d_model * 2 * n_layers) ** -0.5)
         self.rope_theta = rope_theta
+        self.impl = impl
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         dt = x_BxTxD.dtype
         q = rope(project(x_BxTxD, self.wq[...].astype(dt)), self.rope_theta)  # btd,dnh->btnh
         k = rope(project(x_BxTxD, self.wk[...].astype(dt)), self.rope_theta)
         v = project(x_BxTxD, self.wv[...].astype(dt))
-        if jax.default_backend() == "cpu":
-            o_BxTxNxH = causal_attention_heads_major(q, k, v)
-        else:
-            o_BxTxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        o_BxTxNxH = causal_attention(q, k, v, attention_impl(self.impl, dt, q.shape[-1]))
         return project(o_BxTxNxH, self.wo[...].astype(dt), 2)  # btnh,nhd->btd
+
+
+def cudnn_supported(dtype, head_dim: int) -> bool:
+    """Whether cuDNN's fused attention takes this case on this process's first device: a CUDA
+    GPU of compute capability 8.0 or later (Ampere, Hopper, Blackwell), bf16 or fp16, a head width
+    that is a multiple of 8 and at most 128 (the bound on every such GPU; Hopper takes 256)."""
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return False
+    if head_dim % 8 or head_dim > 128:
+        return False
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    platform = str(getattr(getattr(dev, "client", None), "platform_version", "")).lower()
+    if not cc or "cuda" not in platform:
+        return False  # a ROCm GPU, or one that does not say
+    try:
+        return tuple(int(x) for x in str(cc).split(".")[:2]) >= (8, 0)
+    except ValueError:
+        return False
+
+
+def attention_impl(choice: str, dtype, head_dim: int) -> str:
+    """The kernel ``choice`` ("auto", "cudnn", "xla", "heads_major") resolves to here: "auto" is
+    "cudnn" where ``cudnn_supported``, "heads_major" on the CPU and "xla" elsewhere."""
+    if choice != "auto":
+        return choice
+    if jax.default_backend() == "cpu":
+        return "heads_major"
+    return "cudnn" if cudnn_supported(dtype, head_dim) else "xla"
+
+
+def causal_attention(q_BxTxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array,
+                     impl: str) -> jax.Array:
+    """Causal softmax attention (scale 1/sqrt(H)) on the kernel ``impl`` ("cudnn", "xla",
+    "heads_major"); [B, T, N, H] in and out."""
+    if impl == "heads_major":
+        return causal_attention_heads_major(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH)
+    if impl not in ("cudnn", "xla"):
+        raise ValueError(f"unknown attention kernel {impl!r}")
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, is_causal=True,
+                                        implementation=impl)
 
 
 def causal_attention_heads_major(q_BxTxNxH: jax.Array, k_BxSxNxH: jax.Array,
