@@ -147,17 +147,21 @@ def train_rows(cfg: ModelConfig, tcfg: TrainConfig, it_factory, peak: Peak, t: T
     Returns the rows and the synthetic-batch tokens/s (for the hybrid / MoE ratio).
     """
     from engram_jax.model import HybridLM
-    from engram_jax.optim import TrainState, make_optimizer, make_steps
+    from engram_jax.optim import TrainState, make_optimizer, step_functions
+    from engram_jax.parallel.sharding import Parallel
 
     B, T = tcfg.batch_size, cfg.seq_len
-    model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed))
+    par = Parallel(tcfg.mesh, cfg, tcfg)  # one device unless the train config names a mesh
+    model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed), remat=tcfg.remat)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = par.put(par.pad_tables(params))
     tx = make_optimizer(tcfg)
-    state = TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32))
-    train_step, _ = make_steps(graphdef, cfg, tcfg, tx)
-    it = it_factory(prefetch=4)
+    state = par.put(TrainState(params, tx.init(params), rest, jnp.zeros((), jnp.int32)))
+    train_step, _ = par.jit_steps(*step_functions(graphdef, cfg, tcfg, tx), state)
+    state_bytes = par.per_device_bytes(state)
+    it = it_factory(prefetch=4, post_fn=par.put_batch)
     try:
-        fixed = jax.device_put(it.batch_at(10_000))  # a real batch, resident on the device
+        fixed = par.put_batch(it.batch_at(10_000))  # a real batch, resident on the device(s)
         holder = {"state": state}
 
         def synthetic():
@@ -176,7 +180,8 @@ def train_rows(cfg: ModelConfig, tcfg: TrainConfig, it_factory, peak: Peak, t: T
         it.close()
     fpt = flops_per_token(cfg)
     tps = B * T / s_syn
-    mfu = tps * fpt / peak.flops
+    n_dev = tcfg.mesh.size
+    mfu = tps / n_dev * fpt / peak.flops  # per device
     rows = [
         Row("train_step_ms", tag, s_syn * 1e3, "ms"),
         Row("train_tokens_per_s", tag, tps, "tok/s"),
@@ -185,4 +190,12 @@ def train_rows(cfg: ModelConfig, tcfg: TrainConfig, it_factory, peak: Peak, t: T
         Row("train_step_real_pipeline_ms", tag, s_real * 1e3, "ms"),
         target_row("real_over_synthetic_step", tag, s_real / s_syn, "<=", 1.02),
     ]
+    if n_dev > 1:  # the trial's mesh: what one device does and holds
+        from engram_jax.parallel.rules import per_device_params
+
+        rows += [
+            Row("train_tokens_per_s_per_device", tag, tps / n_dev, "tok/s"),
+            Row("params_per_device", tag, per_device_params(cfg, tcfg.mesh)["total"], "params"),
+            Row("state_bytes_per_device", tag, state_bytes, "B"),
+        ]
     return rows, tps

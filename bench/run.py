@@ -56,18 +56,22 @@ SIZES = {
 GRID_SIZES = {"small": (None, 0.25, None), "tiny": (("smoke",), 0.25, "pystdlib")}
 
 
-def configs(name: str, size: Size, dtype: str):
-    """(tag, model config, train config, corpus) at rho = 1.0 and rho = 0.8."""
+def configs(name: str, size: Size, dtype: str, mesh: str | None = None):
+    """(tag, model config, train config, corpus) at rho = 1.0 and rho = 0.8; with a device
+    ``mesh`` the train config names it and the tag ends in ``@mesh=...``."""
     budget = BUDGETS[name]
     base = dataclasses.replace(preset(name), dtype=dtype)
     B = size.batch_size or budget.batch_size
-    tcfg = TrainConfig(**{**budget.train_overrides(), "batch_size": B, "steps": 1000})
+    tcfg = TrainConfig(**{**budget.train_overrides(), "batch_size": B, "steps": 1000,
+                          **({"mesh": mesh} if mesh else {})})
     corpus = size.corpus or budget.corpus
+    suffix = f"@mesh={tcfg.mesh}" if tcfg.mesh.size > 1 else ""
     for rho in (1.0, 0.8):
-        yield f"{name}@rho={rho}", allocate(base, rho), tcfg, corpus
+        yield f"{name}@rho={rho}{suffix}", allocate(base, rho), tcfg, corpus
 
 
-def run(size_name: str, only: str | None, out: Path | None, corpus: str | None = None) -> Results:
+def run(size_name: str, only: str | None, out: Path | None, corpus: str | None = None,
+        mesh: str | None = None) -> Results:
     from engram_jax import data as data_lib
     from engram_jax.train import _git_commit
 
@@ -101,9 +105,11 @@ def run(size_name: str, only: str | None, out: Path | None, corpus: str | None =
                                 repeats=t.repeats))
     if only in ("grid", "breakdown"):
         want = lambda p: False  # noqa: E731
+    if mesh is not None:  # a trial over a mesh: its train step (the parts are one-device probes)
+        want = lambda p: p == "train"  # noqa: E731
     for name in size.presets:
         tps = {}
-        for tag, cfg, tcfg, corp in configs(name, size, dtype):
+        for tag, cfg, tcfg, corp in configs(name, size, dtype, mesh):
             data = data_lib.prepare(corp, cfg.vocab_size, progress=False)
             hash_fn = data_lib.make_hash_fn(cfg.engram, data, cfg.vocab_size) if cfg.engram else None
             it_factory = functools.partial(
@@ -152,13 +158,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: full on a GPU/TPU, small on the CPU")
     ap.add_argument("--only", choices=PARTS, help="run one part (offload and breakdown run only when named)")
     ap.add_argument("--corpus", help="override the size's corpus (pystdlib | pysrc | a path)")
+    ap.add_argument("--mesh", metavar="data=N,fsdp=N,expert=N",
+                    help="time the train step over this device mesh (engram_jax.parallel) and "
+                         "report per-device figures: tokens/s, MFU, parameters and state")
     a = ap.parse_args(argv)
     try:  # the trials' malloc settings, before JAX starts its threads
         host_malloc.apply_in_process()
     except ValueError as e:  # a bad $ENGRAM_JAX_HOST_MALLOC
         ap.error(str(e))
     size = a.size or ("small" if jax.default_backend() == "cpu" else "full")
-    res = run(size, a.only, Path(a.out), a.corpus)
+    if a.mesh is not None:
+        from engram_jax.parallel import MeshShape, check_mesh
+
+        try:
+            for name in SIZES[size].presets:
+                for _, cfg, tcfg, _ in configs(name, SIZES[size], "float32", a.mesh):
+                    check_mesh(tcfg.mesh, cfg, tcfg, devices=jax.device_count())
+        except ValueError as e:
+            ap.error(str(e))
+        a.mesh = str(MeshShape.parse(a.mesh))
+    res = run(size, a.only, Path(a.out), a.corpus, a.mesh)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), size {size}")
     for n in res.notes:
         print(n)

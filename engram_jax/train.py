@@ -189,7 +189,8 @@ class _Run:
         _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.tokens_timed, self.seconds_timed = 0, 0.0
         self.eval_stats = {}  # the last evaluation's mean MoE drop rates and Engram gates
-        self.peak, self.n_devices = trainmetrics.trial_peak(cfg)  # rated peak for MFU, or None
+        self.peak, _ = trainmetrics.trial_peak(cfg)  # rated peak for MFU, or None
+        self.n_devices = tcfg.mesh.size  # the devices the trial runs on (its MFU is per device)
         return self
 
     def _eval_set(self, n_batches: int) -> list[dict]:

@@ -14,8 +14,11 @@ A grid file (YAML) names a base and what varies. Schema (every key optional unle
     steps: 60                    # or tokens: 2.0e6 (steps = ceil(tokens / (batch_size * seq_len)))
     batch_size: 16
     corpus: pystdlib             # "pystdlib" | "pysrc" | "pywheels-v1" | a path
-    resources: auto              # or {cpu: N, gpu: 0|1} or {cpu: N, tpu: chips} (Ray's TPU)
-    train: {lr: 1e-3}            # TrainConfig overrides (not steps/batch_size/seed: keys above)
+    resources: auto              # or {cpu: N, gpu: G} or {cpu: N, tpu: chips} (Ray's TPU) per
+                                 # trial; G > 1 (or chips > 1) for a trial over a mesh
+    train: {lr: 1e-3}            # TrainConfig overrides (not steps/batch_size/seed: keys above);
+                                 # mesh: {data: 2, fsdp: 2, expert: 2} splits each trial over
+                                 # that many devices (engram_jax/parallel), which resources give
     model: {seq_len: 64}         # ModelConfig dotted overrides of the base, before allocation
     engram: {d_head: 8}          # the Engram plan (EngramConfig fields; table_sizes solved for
                                  # rho grids)
@@ -36,6 +39,7 @@ import yaml
 
 from engram_jax.allocation import BUDGETS, allocate, default_engram
 from engram_jax.config import PRESETS, EngramConfig, ModelConfig, TrainConfig
+from engram_jax.parallel.mesh import check_mesh
 
 ALLOWED_KEYS = (
     "name", "description", "budget", "base", "rho", "sweep", "seeds", "steps", "tokens",
@@ -248,6 +252,11 @@ def load_grid(path: str | Path, *, check_corpus: bool = True) -> Grid:
                 tcfg = TrainConfig(**{**t_over, "seed": seed})
             except (ValueError, TypeError) as e:
                 raise fail(f"train settings {t_over}: {e}") from None
+            try:
+                check_mesh(tcfg.mesh, cfg, tcfg)
+            except ValueError as e:
+                raise fail(f"train.mesh: {e}") from None
+            _check_mesh_resources(tcfg.mesh, resources, fail)
             tid = _trial_id(rho, skey_, sval, seed)
             if tid in seen:
                 raise fail(f"two trials share the id {tid!r}; make the rho / sweep values distinct")
@@ -287,19 +296,36 @@ def _resources(v, fail) -> str | dict[str, int]:
     if v == "auto":
         return "auto"
     if not isinstance(v, dict):
-        raise fail(f"resources must be 'auto' or a mapping {{cpu: N, gpu: 0|1, tpu: N}}, got {v!r}")
+        raise fail(f"resources must be 'auto' or a mapping {{cpu: N, gpu: N, tpu: N}}, got {v!r}")
     bad = sorted(set(v) - {"cpu", "gpu", "tpu"})
     if bad:
         raise fail(f"unknown resources key(s) {bad}; allowed: cpu, gpu, tpu")
     cpu, gpu, tpu = v.get("cpu", 1), v.get("gpu", 0), v.get("tpu", 0)
     if not isinstance(cpu, int) or cpu < 1:
         raise fail(f"resources.cpu must be an integer >= 1, got {cpu!r}")
-    if gpu not in (0, 1):
-        raise fail(f"resources.gpu must be 0 or 1 (one GPU per trial), got {gpu!r}")
+    if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
+        raise fail(f"resources.gpu must be an integer >= 0 (GPUs per trial), got {gpu!r}")
     if not isinstance(tpu, int) or tpu < 0 or (tpu and gpu):
         raise fail(f"resources.tpu must be an integer >= 0 (TPU chips per trial, Ray's TPU "
                    f"resource) and not combined with gpu, got tpu={tpu!r}, gpu={gpu!r}")
     return {"cpu": cpu, "gpu": gpu, "tpu": tpu}
+
+
+def _check_mesh_resources(mesh, resources, fail) -> None:
+    """A trial over a mesh of N devices asks for N GPUs or N TPU chips (or, on the CPU, runs on
+    N simulated devices: sweeps.trainable sets XLA's host device count); a one-device trial
+    asks for at most one."""
+    if resources == "auto":
+        if mesh.size > 1:
+            raise fail(f"train.mesh {mesh} uses {mesh.size} devices per trial: give resources "
+                       f"{{cpu: N, gpu: {mesh.size}}} (or tpu: {mesh.size}, or gpu: 0 for CPU "
+                       "devices)")
+        return
+    accel = resources.get("gpu", 0) or resources.get("tpu", 0)
+    if accel and accel != mesh.size:
+        kind = "gpu" if resources.get("gpu", 0) else "tpu"
+        raise fail(f"resources.{kind}={accel} but train.mesh {mesh} uses {mesh.size} device(s) "
+                   f"per trial: they must be equal")
 
 
 def _check_corpus(spec: str, fail) -> None:

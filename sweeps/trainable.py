@@ -87,6 +87,19 @@ def apply_jax_env(env: dict[str, str], environ=os.environ) -> None:
     environ.update(env)
 
 
+def cpu_devices_for_mesh(mesh, environ=os.environ) -> None:
+    """A CPU trial over a mesh of N devices gets N host devices from XLA (set before JAX
+    starts; a device count already in ``XLA_FLAGS`` is replaced)."""
+    from engram_jax.parallel.mesh import MeshShape
+
+    n = MeshShape.parse(mesh).size
+    if n == 1:
+        return
+    flags = [f for f in environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+
+
 def train_trial(config: dict) -> None:
     """Tune function trainable. ``config["trial"]`` is a ``spec_to_config`` dict plus platform
     ("cpu", "cuda" or "tpu"), cpus, ``compile_cache`` (``engram_jax.compile_cache`` setting:
@@ -98,6 +111,8 @@ def train_trial(config: dict) -> None:
     t = config["trial"]
     os.environ["JAX_PLATFORMS"] = t["platform"]
     apply_jax_env(t.get("jax_env") or {})
+    if t["platform"] == "cpu":
+        cpu_devices_for_mesh(t["train"].get("mesh"))
     from engram_jax import compile_cache
 
     compile_cache.enable(t.get("compile_cache", compile_cache.DEFAULT))

@@ -238,3 +238,25 @@ def test_cli_refuses_bad_meshes_before_any_work(tmp_path, args, devices, message
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     assert message in r.stderr, r.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_bench_reports_per_device_figures(tmp_path):
+    """``python -m bench.run --mesh data=2``: the train step over two devices, with tokens/s,
+    parameters and state per device (smoke at rho 1.0 and 0.8, the latter with a padded table)."""
+    r = subprocess.run([sys.executable, "-m", "bench.run", "--size", "tiny", "--mesh", "data=2",
+                        "--out", str(tmp_path)], cwd=ROOT, env=env(2), capture_output=True,
+                       text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import csv
+
+    (path,) = tmp_path.glob("*.csv")
+    rows = {(x["name"], x["config"]): x for x in csv.DictReader(path.open())}
+    from bench.run import SIZES, configs
+
+    for tag, cfg, tcfg, _ in configs("smoke", SIZES["tiny"], "float32", "data=2"):
+        assert tag.endswith("@mesh=data=2,fsdp=1,expert=1")
+        assert float(rows[("train_tokens_per_s_per_device", tag)]["value"]) > 0
+        per_device = rules.per_device_params(cfg, tcfg.mesh)["total"]
+        assert float(rows[("params_per_device", tag)]["value"]) == per_device
+        assert float(rows[("state_bytes_per_device", tag)]["value"]) >= 12 * per_device
