@@ -40,7 +40,7 @@ endif
 comma   := ,
 EXTRAS  := sweep,tracking,analysis,notebooks,test$(if $(filter none,$(TORCH)),,$(comma)parity)
 
-.PHONY: setup test test-all sweep plots fit readme bench contracts lint clean
+.PHONY: setup test test-all sweep plots fit readme bench bench-gpu contracts lint clean
 
 setup: $(STAMP)
 
@@ -73,6 +73,11 @@ readme: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m bench.run --out $(RESULTS)/bench
+
+# The accelerator check (on a GPU): the GPU budgets' train step with each option on and off,
+# MFU against the measured and the rated peak (bench/gpucheck.py).
+bench-gpu: $(STAMP)
+	$(VPY) -m bench.gpucheck --out $(RESULTS)/bench
 
 # The public names other code relies on (docs/design.md section 4), checked in tests/test_contracts.py.
 contracts: $(STAMP)

@@ -80,6 +80,28 @@ def reference_peak(dtype: str, *, cpu_matmul_n: tuple[int, ...]) -> Peak:
     return Peak(f, f"{dtype} matmul 8192^3 measured in this run on {device_kind()}")
 
 
+def rated_peak_for_run(dtype: str):
+    """The rated dense peak of this device for ``dtype`` (``engram_jax.peaks``), or None."""
+    from engram_jax.peaks import rated_peak
+
+    return rated_peak(device_kind(), dtype)
+
+
+def rated_mfu_row(tag: str, tokens_per_s: float, flops_per_token: float, rated,
+                  n_devices: int = 1) -> Row | None:
+    """``mfu_rated``: model FLOP/s per device over the chip's rated dense peak (None without a
+    rated peak). Recomputable from the CSV: train_tokens_per_s x model_flops_per_token /
+    (rated_peak_tflops x 1e12) of the same run."""
+    if rated is None:
+        return None
+    m = tokens_per_s / n_devices * flops_per_token / rated.flops
+    return Row("mfu_rated", tag, m, "fraction", ratio=m)
+
+
+# Rows a run writes once, holding the peaks its ratios are taken against (config ``run:<run>``).
+PEAK_ROWS = ("reference_peak_tflops", "rated_peak_tflops")
+
+
 @dataclass
 class Row:
     name: str
@@ -122,7 +144,9 @@ class Results:
         """Merge into ``out_dir/<device-slug>.csv``: rows of this run replace same (name, config).
 
         Every row carries its run's id (``run``, the start time); each run writes its own
-        ``reference_peak_tflops`` row, which all of that run's ratios are taken against.
+        ``reference_peak_tflops`` row (the measured matmul peak), which the run's ratios are
+        taken against, and on a chip with a rated peak its ``rated_peak_tflops`` row, which its
+        ``mfu_rated`` rows are taken against.
         """
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{device_slug()}.csv"
@@ -138,8 +162,8 @@ class Results:
             with path.open() as f:
                 old = [r for r in csv.DictReader(f) if (r["name"], r["config"]) not in keys
                        and "run" in r]  # rows of a file written before runs were named: dropped
-            live = {r["run"] for r in old if r["name"] != "reference_peak_tflops"}
-            old = [r for r in old if r["name"] != "reference_peak_tflops" or r["run"] in live]
+            live = {r["run"] for r in old if r["name"] not in PEAK_ROWS}
+            old = [r for r in old if r["name"] not in PEAK_ROWS or r["run"] in live]
         with path.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()

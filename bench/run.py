@@ -12,8 +12,11 @@ Sizes: ``full`` = the GPU presets gpu-s and gpu-m at their budgets' batch sizes 
 ``small`` = cpu-small (default on the CPU, a few minutes on 2 cores, plus the ``grid`` part: a
 two-trial grid of every CPU budget, ``bench/grid.py``, about ten minutes); ``tiny`` = smoke (tests).
 Writes ``<out>/<device-kind-slug>.csv`` (rows of this run replace rows with the same name and
-config) and prints a table last. MFU is against the H100's measured bf16 peak on an H100 and
-against an f32 matmul measured in the same run on a CPU (the table's header says which).
+config) and prints a table last. ``mfu`` is against the H100's measured bf16 peak on an H100 and
+against a matmul measured in the same run elsewhere (the table's header says which);
+``mfu_rated`` is against the chip's rated dense peak (``engram_jax.peaks``: H100, H200, A100,
+B200, TPU v4/v5e/v5p/v6e; a CPU has none). ``python -m bench.gpucheck`` (``make bench-gpu``) is
+the accelerator check: the GPU budgets' train step with each option on and off.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from pathlib import Path
 
 import jax
 
-from bench.common import Results, Row, reference_peak, target_row
+from bench.common import (Results, Row, rated_mfu_row, rated_peak_for_run, reference_peak,
+                          target_row)
 from bench.parts import Timing, attention_rows, engram_rows, moe_rows, pipeline_rows, train_rows
 from engram_jax import host_malloc
 from engram_jax.allocation import BUDGETS, allocate
@@ -85,6 +89,13 @@ def run(size_name: str, only: str | None, out: Path | None, corpus: str | None =
                      "TFLOP/s")
     # One peak per run: every ratio of this run's rows is taken against this row (same `run`).
     res.add(Row("reference_peak_tflops", f"run:{res.run_id}", peak.flops / 1e12, "TFLOP/s"))
+    # Beside it the chip's rated dense peak (engram_jax.peaks), where the table has one: the
+    # ``mfu_rated`` rows are taken against it.
+    rated = rated_peak_for_run(dtype)
+    if rated is not None:
+        res.add(Row("rated_peak_tflops", f"run:{res.run_id}", rated.flops / 1e12, "TFLOP/s"))
+        res.notes.append(f"rated peak for mfu_rated: {rated.chip} {dtype} "
+                         f"{rated.flops / 1e12:.4g} TFLOP/s ({rated.source})")
     t = Timing(size.repeats, size.inner)
     want = (lambda p: p == only) if only else (lambda p: p not in ("offload", "breakdown"))
     # The grid part runs by default at size small (make bench) and whenever it is named.
@@ -121,6 +132,11 @@ def run(size_name: str, only: str | None, out: Path | None, corpus: str | None =
                 rows, tps[tag] = train_rows(cfg, tcfg, it_factory, peak, t, tag)
                 if want("train"):
                     res.add(*rows)
+                    from engram_jax.counting import flops_per_token
+
+                    r = rated_mfu_row(tag, tps[tag], flops_per_token(cfg), rated, tcfg.mesh.size)
+                    if r is not None:
+                        res.add(r)
                 if want("pipeline"):
                     res.add(*pipeline_rows(it_factory, cfg, B, tps[tag], t, tag))
             if want("attention") and not hybrid:  # attention is the same in both configs
