@@ -26,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["grid", "trial_id", "rho", "dispatch", "capacity_factor", "steps_run", "steps",
-           "drop_rate_train_mean", "drop_rate_train_first", "drop_rate_train_last",
+           "drop_rate_train_mean", "drop_rate_train_quarters", "drop_rate_train_first",
+           "drop_rate_train_last",
            "drop_rate_train_last_per_layer", "drop_rate_val", "drop_rate_val_per_layer",
            "max_load_last", "val_loss", "val_loss_committed", "corpus", "corpus_fingerprint",
            "corpus_fingerprint_committed"]
@@ -67,6 +68,7 @@ def measure(grid: str, trial_ids: list[str], *, results: Path, steps_fraction: f
             "dispatch": spec.model.moe.dispatch, "capacity_factor": spec.model.moe.capacity_factor,
             "steps_run": steps_run, "steps": spec.train.steps,
             "drop_rate_train_mean": sum(r["moe_drop_rate"] for r in logged) / len(logged),
+            "drop_rate_train_quarters": " ".join(f"{q:.4f}" for q in _quarters(logged)),
             "drop_rate_train_first": logged[0]["moe_drop_rate"],
             "drop_rate_train_last": last["moe_drop_rate"],
             "drop_rate_train_last_per_layer": " ".join(
@@ -82,6 +84,13 @@ def measure(grid: str, trial_ids: list[str], *, results: Path, steps_fraction: f
         })
         print(json.dumps(out[-1]), flush=True)
     return out
+
+
+def _quarters(logged: list[dict]) -> list[float]:
+    """Mean drop rate of the logged steps in each quarter of the run."""
+    n = len(logged)
+    parts = [logged[i * n // 4:(i + 1) * n // 4] for i in range(4)]
+    return [sum(r["moe_drop_rate"] for r in p) / len(p) for p in parts if p]
 
 
 def _train(run_trial, spec, tcfg, out_dir: Path, steps_run: int, progress: bool) -> dict:
