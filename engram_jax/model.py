@@ -111,15 +111,20 @@ class HybridLM(nnx.Module):
 
     def __call__(self, tokens_BxT: jax.Array, hash_ids: dict | None = None,
                  memory: dict | None = None):
-        h, head, aux = self.hidden(tokens_BxT, hash_ids, memory)
+        h, head, loads, auxes = self._trunk(tokens_BxT, hash_ids, memory)
         logits = project(h, head, preferred_element_type=jnp.float32)  # btd,dv->btv
-        return logits, aux
+        # the statistics after the head, as the model has always traced them
+        return logits, _aux(loads, auxes)
 
     def hidden(self, tokens_BxT: jax.Array, hash_ids: dict | None = None,
                memory: dict | None = None):
         """The model up to the LM head: ``(h [B, T, D] after the final norm, the head [D, V] in
         the compute dtype, aux)``; ``__call__`` is ``project(h, head)`` in float32. A loss that
         never builds the full logits (``optim.chunked_cross_entropy``) starts from here."""
+        h, head, loads, auxes = self._trunk(tokens_BxT, hash_ids, memory)
+        return h, head, _aux(loads, auxes)
+
+    def _trunk(self, tokens_BxT, hash_ids, memory):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         hash_ids = hash_ids or {}
@@ -143,11 +148,14 @@ class HybridLM(nnx.Module):
             h = collapse(h)
         h = self.final_norm(h)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        aux = {
-            "load": jnp.stack(loads) if loads else jnp.zeros((0,), jnp.float32),
-            "aux_loss": jnp.mean(jnp.stack(auxes)) if auxes else jnp.float32(0.0),
-        }
-        return h, head.astype(dt), aux
+        return h, head.astype(dt), loads, auxes
+
+
+def _aux(loads: list, auxes: list) -> dict:
+    return {
+        "load": jnp.stack(loads) if loads else jnp.zeros((0,), jnp.float32),
+        "aux_loss": jnp.mean(jnp.stack(auxes)) if auxes else jnp.float32(0.0),
+    }
 
 
 def _block(blk: Block, h, hash_ids, memory):

@@ -104,13 +104,19 @@ def mean_stats(outputs: list[dict]) -> dict:
     return {k: np.mean([np.asarray(o[k], np.float64) for o in outputs], axis=0) for k in keys}
 
 
+RECORD_KEYS = ("peak_tflops_rated", "peak_rated_chip", "peak_rated_dtype", "mfu", "moe_drop_rate",
+               "val_moe_drop_rate", "engram_gate_mean", "device_peak_bytes_in_use")
+
+
 def record_fields(rows: list[dict], final_stats: dict, cfg: ModelConfig, *,
                   tokens_per_s: float | None, peak: RatedPeak | None, n_devices: int = 1) -> dict:
     """The record's fields: MFU of the run against the rated peak, the mean training drop rate
     over the logged steps and the final evaluation's, the last gate mean, the memory peak."""
     from engram_jax.counting import flops_per_token
 
-    out = {}
+    # Every key on every record (None where it does not apply), so that a grid's runs.csv has
+    # the same columns whichever of its trials finished first.
+    out = dict.fromkeys(RECORD_KEYS)
     if peak is not None:
         out.update({"peak_tflops_rated": peak.flops / 1e12, "peak_rated_chip": peak.chip,
                     "peak_rated_dtype": peak.dtype})

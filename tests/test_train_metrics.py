@@ -152,7 +152,8 @@ def test_step_fields_mfu_and_record_fields():
     assert r["moe_drop_rate"] == pytest.approx(0.15) and r["val_moe_drop_rate"] == 0.25
     assert r["engram_gate_mean"] == 0.4 and r["device_peak_bytes_in_use"] == 12
     assert r["mfu"] == pytest.approx(f["mfu"]) and r["peak_tflops_rated"] == pytest.approx(989.4)
-    assert trainmetrics.record_fields([], {}, cfg, tokens_per_s=None, peak=None) == {}
+    assert trainmetrics.record_fields([], {}, cfg, tokens_per_s=None, peak=None) == dict.fromkeys(
+        trainmetrics.RECORD_KEYS)
 
 
 def test_trial_logs_the_metrics(tmp_path):
