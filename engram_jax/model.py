@@ -99,6 +99,12 @@ class HybridLM(nnx.Module):
         """``remat="block"`` keeps only each block's input for the backward pass and recomputes
         the block there (``TrainConfig.remat``); "none" keeps every activation."""
         self.cfg = cfg
+        if remat == "block" and cfg.hc_mult > 1 and cfg.engram is not None:
+            # A block's state cannot be split and merged again inside the train step's
+            # statistics capture when it holds lists of modules (the multi-branch Engram's gates
+            # and norms): not supported yet.
+            raise ValueError("remat='block' with hc_mult > 1 and Engram layers is not supported; "
+                             "use remat='none' (or grad_accum to save memory)")
         self.remat = remat
         D, V = cfg.d_model, cfg.vocab_size
         self.embed = normal(rngs, (V, D), 1.0)

@@ -62,6 +62,12 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     return [r for r in rows if r["step"] <= upto_step]
 
 
+def _primary() -> bool:
+    """Whether this process writes the run's files and reports its metrics: the only process,
+    or process 0 of a trial over several (``jax.distributed``; the others compute alike)."""
+    return jax.process_index() == 0
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -108,7 +114,8 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
     if record["epochs"] > 1.0:
         print(f"WARNING: this trial saw its training split {record['epochs']:.2f} times; hashed "
               "n-gram tables can memorise a corpus seen many times", file=sys.stderr)
-    _atomic_write(out / "record.json", json.dumps(record, indent=1))
+    if _primary():
+        _atomic_write(out / "record.json", json.dumps(record, indent=1))
     del run  # the model, optimizer state and data: give their memory back (host_malloc)
     host_malloc.release()
     return record
@@ -138,7 +145,8 @@ def _claim_out_dir(cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path) 
         if (out / "record.json").exists():
             return json.loads((out / "record.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(cfg_path, json.dumps(run_spec, indent=1, sort_keys=True))
+    if _primary():
+        _atomic_write(cfg_path, json.dumps(run_spec, indent=1, sort_keys=True))
     return None
 
 
@@ -186,7 +194,8 @@ class _Run:
         self.val = self._eval_set(tcfg.eval_batches)
         self.metrics_path = out / "metrics.jsonl"
         self.rows = _read_metrics(self.metrics_path, self.start)
-        _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        if _primary():
+            _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.tokens_timed, self.seconds_timed = 0, 0.0
         self.eval_stats = {}  # the last evaluation's mean MoE drop rates and Engram gates
         self.peak, _ = trainmetrics.trial_peak(cfg)  # rated peak for MFU, or None
@@ -206,18 +215,19 @@ class _Run:
         the statistics the eval step returns with it is kept in ``self.eval_stats``."""
         st, store = self.state, self.store
         if store is not None:  # the current host rows, gathered now
-            outs = [jax.device_get(self.eval_step(st, {**b, "memory": store.gather(
+            outs = [self.par.fetch(self.eval_step(st, {**b, "memory": store.gather(
                 store.rows(b["hash_ids"]))})) for b in batches]
         else:
-            outs = [jax.device_get(self.eval_step(st, b)) for b in batches]
+            outs = [self.par.fetch(self.eval_step(st, b)) for b in batches]
         self.eval_stats = trainmetrics.mean_stats(outs)
         return float(np.mean([float(o["loss"]) for o in outs]))
 
     def _log(self, row: dict, report) -> None:
         self.rows.append(row)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if report is not None:
+        if _primary():
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if report is not None:  # on every process (Ray Train gathers the workers' reports)
             report({k: v for k, v in row.items() if v is not None})
 
     def train(self, report) -> None:
@@ -238,7 +248,7 @@ class _Run:
             start_step=self.start, prefetch=tcfg.prefetch,
             post_fn=store.prefetch if store is not None else self.par.put_batch)
         bar = None
-        if self.progress:
+        if self.progress and _primary():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=tcfg.steps, initial=self.start, desc="train", unit="step",
@@ -247,6 +257,7 @@ class _Run:
         t_mark = None
 
         def flush(step: int, m, val_loss: float | None):
+            m = self.par.fetch(m)  # host values (each process reads its own replica)
             loss = float(m["loss"])
             if not math.isfinite(loss):
                 raise TrainingDiverged(
@@ -306,13 +317,19 @@ class _Run:
                 bar.close()
             self.ckpt.wait()  # an interrupted run still leaves its last checkpoint complete
 
+    def _final_rows(self) -> list[dict]:
+        """The run's logged rows: as written (the writing process), or as logged in memory."""
+        if _primary():
+            return _read_metrics(self.metrics_path, self.tcfg.steps)
+        return [r for r in self.rows if r["step"] <= self.tcfg.steps]
+
     def final_eval(self) -> tuple[float, int]:
         """(loss, tokens) of the final evaluation: ``final_eval_tokens`` of the validation split
         (the whole split if smaller), or the periodic evaluation set when that is 0."""
         tcfg = self.tcfg
         per_batch = tcfg.batch_size * self.cfg.seq_len
         if tcfg.final_eval_tokens == 0:
-            last = [r for r in _read_metrics(self.metrics_path, tcfg.steps) if r.get("val_loss") is not None]
+            last = [r for r in self._final_rows() if r.get("val_loss") is not None]
             return last[-1]["val_loss"], len(self.val) * per_batch
         batches = self._eval_set(math.ceil(tcfg.final_eval_tokens / per_batch))
         return self.evaluate(batches), len(batches) * per_batch
@@ -322,7 +339,7 @@ class _Run:
         from engram_jax import data as data_lib
 
         cfg, tcfg = self.cfg, self.tcfg
-        final = _read_metrics(self.metrics_path, tcfg.steps)
+        final = self._final_rows()
         evals = [r for r in final if r.get("val_loss") is not None]
         trains = [r for r in final if r.get("train_loss") is not None]
         counts = cfg.param_counts()
@@ -409,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
                          "out are 1); data*fsdp*expert must equal the devices JAX sees (on the "
                          "CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N). Default: one "
                          "device")
+    ap.add_argument("--coordinator", metavar="HOST:PORT",
+                    help="one process of a trial over several processes (hosts): JAX's "
+                         "distributed runtime with process 0 at HOST:PORT; start the same command "
+                         "on every host with --processes and its own --process-id")
+    ap.add_argument("--processes", type=int, metavar="N", help="processes of the trial")
+    ap.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--compile-cache", default="default", metavar="DIR|default|off",
                     help="JAX's persistent compilation cache (default: $ENGRAM_JAX_COMPILE_CACHE "
@@ -420,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         host_malloc.apply_in_process(a.host_malloc)  # before JAX starts its threads
+        if (a.coordinator, a.processes, a.process_id) != (None, None, None):
+            from engram_jax.parallel.distributed import initialize
+
+            initialize(a.coordinator, a.processes, a.process_id)  # before JAX's backends start
         cfg = preset(a.preset)
         model_o, train_o = parse_sets(a.sets)
         if a.rho is not None:

@@ -15,7 +15,9 @@ A grid file (YAML) names a base and what varies. Schema (every key optional unle
     batch_size: 16
     corpus: pystdlib             # "pystdlib" | "pysrc" | "pywheels-v1" | a path
     resources: auto              # or {cpu: N, gpu: G} or {cpu: N, tpu: chips} (Ray's TPU) per
-                                 # trial; G > 1 (or chips > 1) for a trial over a mesh
+                                 # trial; G > 1 (or chips > 1) for a trial over a mesh; with
+                                 # workers: W, each trial runs W JAX processes (Ray Train's
+                                 # JaxTrainer), cpu/gpu/tpu then being per worker
     train: {lr: 1e-3}            # TrainConfig overrides (not steps/batch_size/seed: keys above);
                                  # mesh: {data: 2, fsdp: 2, expert: 2} splits each trial over
                                  # that many devices (engram_jax/parallel), which resources give
@@ -297,10 +299,14 @@ def _resources(v, fail) -> str | dict[str, int]:
         return "auto"
     if not isinstance(v, dict):
         raise fail(f"resources must be 'auto' or a mapping {{cpu: N, gpu: N, tpu: N}}, got {v!r}")
-    bad = sorted(set(v) - {"cpu", "gpu", "tpu"})
+    bad = sorted(set(v) - {"cpu", "gpu", "tpu", "workers"})
     if bad:
-        raise fail(f"unknown resources key(s) {bad}; allowed: cpu, gpu, tpu")
+        raise fail(f"unknown resources key(s) {bad}; allowed: cpu, gpu, tpu, workers")
     cpu, gpu, tpu = v.get("cpu", 1), v.get("gpu", 0), v.get("tpu", 0)
+    workers = v.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise fail(f"resources.workers must be an integer >= 1 (JAX processes per trial), got "
+                   f"{workers!r}")
     if not isinstance(cpu, int) or cpu < 1:
         raise fail(f"resources.cpu must be an integer >= 1, got {cpu!r}")
     if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
@@ -308,7 +314,10 @@ def _resources(v, fail) -> str | dict[str, int]:
     if not isinstance(tpu, int) or tpu < 0 or (tpu and gpu):
         raise fail(f"resources.tpu must be an integer >= 0 (TPU chips per trial, Ray's TPU "
                    f"resource) and not combined with gpu, got tpu={tpu!r}, gpu={gpu!r}")
-    return {"cpu": cpu, "gpu": gpu, "tpu": tpu}
+    out = {"cpu": cpu, "gpu": gpu, "tpu": tpu}
+    if workers > 1:
+        out["workers"] = workers
+    return out
 
 
 def _check_mesh_resources(mesh, resources, fail) -> None:
@@ -321,11 +330,18 @@ def _check_mesh_resources(mesh, resources, fail) -> None:
                        f"{{cpu: N, gpu: {mesh.size}}} (or tpu: {mesh.size}, or gpu: 0 for CPU "
                        "devices)")
         return
+    workers = resources.get("workers", 1)
     accel = resources.get("gpu", 0) or resources.get("tpu", 0)
-    if accel and accel != mesh.size:
+    if mesh.size == 1 and workers == 1 and not resources.get("gpu", 0) > 1:
+        return  # one device (a TPU host's chips asked for whole, as before)
+    if accel and accel * workers != mesh.size:
         kind = "gpu" if resources.get("gpu", 0) else "tpu"
-        raise fail(f"resources.{kind}={accel} but train.mesh {mesh} uses {mesh.size} device(s) "
-                   f"per trial: they must be equal")
+        per = f" x {workers} workers = {accel * workers} devices" if workers > 1 else ""
+        raise fail(f"resources.{kind}={accel}{per} but train.mesh {mesh} uses {mesh.size} "
+                   f"device(s) per trial: they must be equal")
+    if mesh.size % workers:
+        raise fail(f"train.mesh {mesh} ({mesh.size} devices) does not split over "
+                   f"{workers} workers")
 
 
 def _check_corpus(spec: str, fail) -> None:

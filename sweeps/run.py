@@ -349,6 +349,8 @@ def _run(grid: Grid, out: Path, trial_configs: list[dict], kept: dict[str, dict]
         for c in trial_configs:
             c["platform"] = platform
             c["cpus"] = res["cpu"]
+            if res.get("workers", 1) > 1:
+                c["workers"], c["worker_resources"] = res["workers"], dict(res)
             c["compile_cache"] = a.compile_cache
             if platform == "cuda":
                 c["jax_env"] = a.gpu_env
@@ -488,27 +490,39 @@ def _resources(grid: Grid, cluster: dict, max_concurrent: int | None) -> tuple[d
             res = {"cpu": max(1, min(8, n_cpu // n_tpu)), "gpu": 0, "tpu": 1}
         else:
             res = {"cpu": 1, "gpu": 0, "tpu": 0}
+    workers = res.get("workers", 1)  # JAX processes per trial (Ray Train workers)
     res = {"cpu": res["cpu"], "gpu": res.get("gpu", 0), "tpu": res.get("tpu", 0)}
+    if workers > 1:
+        res["workers"] = workers
     if res["gpu"] and not n_gpu:
         raise SystemExit(f"error: grid {grid.name!r} asks for a GPU per trial but the Ray cluster has none "
                          "(use resources: auto or {cpu: N, gpu: 0})")
     if res["tpu"] > n_tpu:
         raise SystemExit(f"error: grid {grid.name!r} asks for {res['tpu']} TPU chip(s) per trial; the "
                          f"Ray cluster has {n_tpu} (use resources: auto or {{cpu: N, tpu: 0}})")
-    if res["cpu"] > n_cpu:
-        raise SystemExit(f"error: grid {grid.name!r} asks for {res['cpu']} CPUs per trial; the Ray "
-                         f"cluster has {n_cpu}")
+    # A trial of several workers holds a token share of a CPU besides its workers' (_bundle).
+    need = res["cpu"] * workers + (DRIVER_CPU if workers > 1 else 0)
+    if need > n_cpu:
+        raise SystemExit(f"error: grid {grid.name!r} asks for {need:g} CPUs per trial; "
+                         f"the Ray cluster has {n_cpu}")
     if res["gpu"]:
-        platform, fit = "cuda", n_gpu // res["gpu"]
+        platform, fit = "cuda", n_gpu // (res["gpu"] * workers)
     elif res["tpu"]:
-        platform, fit = "tpu", n_tpu // res["tpu"]
+        platform, fit = "tpu", n_tpu // (res["tpu"] * workers)
     else:
-        platform, fit = "cpu", n_cpu // res["cpu"]
+        platform, fit = "cpu", int(n_cpu // need)
     return res, platform, max(1, max_concurrent or fit)
 
 
+DRIVER_CPU = 0.01  # what a trial of several workers holds itself (it waits on its workers)
+
+
 def _bundle(res: dict) -> dict:
-    """Ray resource names of a trial's request (``TPU`` is a custom resource in Ray)."""
+    """Ray resource names of a trial's request (``TPU`` is a custom resource in Ray). A trial of
+    several workers asks for a token share of a CPU itself (it only waits on its Ray Train
+    workers, which ask for ``res`` each; Ray refuses an empty request)."""
+    if res.get("workers", 1) > 1:
+        return {"CPU": DRIVER_CPU, "GPU": 0}
     out = {"CPU": res["cpu"], "GPU": res["gpu"]}
     if res.get("tpu"):
         out["TPU"] = res["tpu"]

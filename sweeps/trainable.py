@@ -128,7 +128,10 @@ def train_trial(config: dict) -> None:
         if prev is not None:
             manifest = unpack_checkpoint(prev, scratch)
             print(f"[{tid}] resuming after step {manifest['step']} from {source}", flush=True)
-        _train(t, scratch, tune)
+        if t.get("workers", 1) > 1:
+            _train_workers(t, scratch)
+        else:
+            _train(t, scratch, tune)
     except Exception as e:
         # A restart is for a lost node or worker (Tune sees those without this function raising)
         # and for transient errors; anything else would fail again: end the trial now, its last
@@ -163,6 +166,16 @@ def _train(t: dict, out_dir: Path, tune) -> None:
         ModelConfig.from_dict(t["model"]), TrainConfig(**t["train"]), corpus=t["corpus"],
         out_dir=out_dir, report=report, progress=False, meta=t["meta"], sync_checkpoints=True,
     )
+    final = final_result(record, out_dir)
+    # The last checkpoint holds the record: a rerun after a driver crash returns it at once.
+    with tempfile.TemporaryDirectory(prefix="engram-ckpt-") as d:
+        pack_checkpoint(out_dir, Path(d), None)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def final_result(record: dict, out_dir: Path) -> dict:
+    """A finished trial's last result: its headline numbers, and the record and the metric curve
+    (``record_json``, ``metrics_jsonl``) that the driver writes into the grid's results."""
     final = {k: record[k] for k in ("val_loss", "best_val_loss", "train_loss", "epochs", "steps",
                                     "tokens_seen") if isinstance(record.get(k), (int, float))}
     if isinstance(record.get("tokens_per_s"), (int, float)):
@@ -173,7 +186,70 @@ def _train(t: dict, out_dir: Path, tune) -> None:
     final["record_json"] = json.dumps(record)
     metrics = out_dir / "metrics.jsonl"
     final["metrics_jsonl"] = metrics.read_text() if metrics.exists() else ""
-    # The last checkpoint holds the record: a rerun after a driver crash returns it at once.
-    with tempfile.TemporaryDirectory(prefix="engram-ckpt-") as d:
-        pack_checkpoint(out_dir, Path(d), None)
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(d))
+    return final
+
+
+def _train_workers(t: dict, out_dir: Path) -> None:
+    """One trial over ``t["workers"]`` JAX processes: Ray Train's ``JaxTrainer`` inside this Tune
+    trial, each worker asking for ``t["worker_resources"]``. On GPUs and TPUs the trainer starts
+    JAX's distributed runtime; on CPUs ``_worker_loop`` does, each worker holding its share of the
+    mesh's devices. Every worker runs ``run_trial`` on ``out_dir``, so the workers must share it:
+    they run on this node, or ``out_dir`` is on a filesystem every node sees. The workers'
+    reports reach Tune through ``TuneReportCallback`` (process 0's, the last one carrying the
+    record); the evaluations' checkpoints stay in ``out_dir`` (a restarted trial starts over)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2.jax import JaxConfig, JaxTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res, platform = t["worker_resources"], t["platform"]
+    use_gpu, use_tpu = platform == "cuda", platform == "tpu"
+    per_worker = {"CPU": res["cpu"]}
+    if use_gpu:
+        per_worker["GPU"] = res["gpu"]
+    if use_tpu:
+        per_worker["TPU"] = res["tpu"]
+    trainer = JaxTrainer(
+        _worker_loop, train_loop_config={"trial": t, "out_dir": str(out_dir)},
+        jax_config=JaxConfig(use_gpu=use_gpu, use_tpu=use_tpu),
+        scaling_config=ScalingConfig(num_workers=t["workers"], use_gpu=use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"{t['meta'].get('grid', 'trial')}-{t['trial_id']}",
+                             storage_path=str(out_dir / "ray-train"),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def _worker_loop(config: dict) -> None:
+    """One Ray Train worker of a trial over several processes (``_train_workers``)."""
+    import ray
+    import ray.train
+
+    t, out_dir = config["trial"], Path(config["out_dir"])
+    ctx = ray.train.get_context()
+    rank, n = ctx.get_world_rank(), ctx.get_world_size()
+    if t["platform"] == "cpu":  # the trainer starts JAX's runtime on GPUs and TPUs only
+        from engram_jax.parallel.distributed import free_port, initialize
+        from engram_jax.parallel.mesh import MeshShape
+        from ray.train.collective import broadcast_from_rank_zero
+
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        per_worker = MeshShape.parse(t["train"].get("mesh")).size // n
+        cpu_devices_for_mesh({"data": per_worker})
+        coordinator = broadcast_from_rank_zero(
+            f"{ray.util.get_node_ip_address()}:{free_port()}" if rank == 0 else None)
+        initialize(coordinator, n, rank)
+    from engram_jax import compile_cache
+    from engram_jax.config import ModelConfig, TrainConfig
+    from engram_jax.train import run_trial
+
+    compile_cache.enable(t.get("compile_cache", compile_cache.DEFAULT))
+
+    def report(metrics: dict) -> None:
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    record = run_trial(
+        ModelConfig.from_dict(t["model"]), TrainConfig(**t["train"]), corpus=t["corpus"],
+        out_dir=out_dir, report=report, progress=False, meta=t["meta"], sync_checkpoints=True,
+    )
+    ray.train.report(final_result(record, out_dir))

@@ -28,10 +28,10 @@ def steps(name: str, overrides: dict, train: dict, n: int = 2):
     return r["losses"]["data=1"], r["grad_norms"]["data=1"]
 
 
-def close(a, b):
+def close(a, b, norm_tol=NORM_TOL):
     (la, ga), (lb, gb) = a, b
     assert max(rel(x, y) for x, y in zip(la, lb)) < LOSS_TOL, (la, lb)
-    assert max(rel(x, y) for x, y in zip(ga, gb)) < NORM_TOL, (ga, gb)
+    assert max(rel(x, y) for x, y in zip(ga, gb)) < norm_tol, (ga, gb)
 
 
 def test_micro_batches_and_remat_give_the_whole_batch_step():
@@ -49,10 +49,13 @@ def test_micro_batches_and_remat_give_the_whole_batch_step():
     ("tiny-dense", {}, {"grad_accum": 2}),
     ("tiny-dense", {}, {"grad_accum": 8, "remat": "block"}),
     ("tiny", {}, {"remat": "block"}),
-    ("tiny", {"hc_mult": 4, "moe.dispatch": "dropless"}, {"grad_accum": 2, "remat": "block"}),
+    ("tiny", {"hc_mult": 4, "moe.dispatch": "dropless"}, {"grad_accum": 2}),
+    ("tiny-dense", {"hc_mult": 4}, {"grad_accum": 2, "remat": "block"}),
 ])
 def test_more_shapes_over_more_steps(name, overrides, train):
-    close(steps(name, overrides, train, n=6), steps(name, overrides, {}, n=6))
+    """Six steps: rounding grows with the steps (largest measured: 3.5e-5 in the gradient norm
+    of the hyper-connection model with 2 micro-batches; the tolerance is ten times it)."""
+    close(steps(name, overrides, train, n=6), steps(name, overrides, {}, n=6), norm_tol=3.5e-4)
 
 
 def _train_step(cfg, tcfg):
@@ -144,3 +147,12 @@ def test_offloaded_tables_refuse_micro_batches():
     g, _, _ = nnx.split(HybridLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     with pytest.raises(ValueError, match="grad_accum > 1 with offloaded"):
         step_functions(g, cfg, tcfg, make_optimizer(tcfg, clip=False))
+
+
+def test_remat_with_multi_branch_engram_is_refused():
+    from flax import nnx
+
+    from engram_jax.model import HybridLM
+
+    with pytest.raises(ValueError, match="remat='block' with hc_mult > 1 and Engram"):
+        HybridLM(preset("tiny").with_overrides({"hc_mult": 4}), rngs=nnx.Rngs(0), remat="block")

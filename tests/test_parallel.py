@@ -258,5 +258,6 @@ def test_bench_reports_per_device_figures(tmp_path):
         assert tag.endswith("@mesh=data=2,fsdp=1,expert=1")
         assert float(rows[("train_tokens_per_s_per_device", tag)]["value"]) > 0
         per_device = rules.per_device_params(cfg, tcfg.mesh)["total"]
-        assert float(rows[("params_per_device", tag)]["value"]) == per_device
-        assert float(rows[("state_bytes_per_device", tag)]["value"]) >= 12 * per_device
+        # the CSV keeps four significant digits
+        assert float(rows[("params_per_device", tag)]["value"]) == pytest.approx(per_device, 1e-3)
+        assert float(rows[("state_bytes_per_device", tag)]["value"]) >= 0.999 * 12 * per_device

@@ -40,6 +40,10 @@ def test_a_mesh_grid_loads(tmp_path):
     ("resources: {cpu: 1, gpu: 4}\ntrain: {mesh: {expert: 4}}\n", "does not divide the 42 routed"),
     ("resources: {cpu: 1}\ntrain: {mesh: {data: 32}}\n", "batch_size=16 does not split into 32"),
     ("resources: {cpu: 1}\ntrain: {mesh: {tensor: 2}}\n", "unknown axis 'tensor'"),
+    ("resources: {cpu: 1, gpu: 8, workers: 2}\ntrain: {mesh: {data: 8}}\n",
+     "resources.gpu=8 x 2 workers = 16 devices but train.mesh"),
+    ("resources: {cpu: 1, workers: 3}\ntrain: {mesh: {data: 4}}\n", "does not split over 3 workers"),
+    ("resources: {cpu: 1, workers: 0}\n", "resources.workers must be an integer >= 1"),
 ])
 def test_bad_mesh_grids_are_refused(tmp_path, extra, message):
     with pytest.raises(GridError, match="g.yaml") as e:
@@ -64,3 +68,19 @@ def test_cpu_trials_get_as_many_host_devices_as_their_mesh():
     env = {}
     cpu_devices_for_mesh(None, env)
     assert env == {}
+
+
+def test_multi_worker_grids_and_their_ray_requests(tmp_path):
+    from sweeps.run import DRIVER_CPU, _bundle, _resources
+
+    g = grid(tmp_path, "resources: {cpu: 2, gpu: 4, workers: 2}\n"
+                       "train: {mesh: {data: 2, fsdp: 2, expert: 2}}\n")
+    assert g.resources == {"cpu": 2, "gpu": 4, "tpu": 0, "workers": 2}
+    res, platform, at_once = _resources(g, {"CPU": 32, "GPU": 16}, None)
+    assert (res["workers"], platform, at_once) == (2, "cuda", 2)  # 16 GPUs / (2 x 4)
+    assert _bundle(res) == {"CPU": DRIVER_CPU, "GPU": 0}  # the workers ask for theirs
+    g = grid(tmp_path, "resources: {cpu: 1, workers: 2}\ntrain: {mesh: {data: 2}}\n")
+    res, platform, at_once = _resources(g, {"CPU": 3}, None)
+    assert (platform, at_once) == ("cpu", 1)
+    with pytest.raises(SystemExit, match="asks for 2.01 CPUs per trial"):
+        _resources(g, {"CPU": 2}, None)  # two workers and the trial's share of a CPU

@@ -95,6 +95,17 @@ class Parallel:
 
         return jax.tree.map(one, batch)
 
+    @staticmethod
+    def fetch(tree):
+        """Host (numpy) values of a tree of arrays replicated over the mesh (metrics, losses):
+        ``jax.device_get``; on a mesh over several processes each reads its own replica."""
+        def one(x):
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                return x.addressable_data(0)
+            return x
+
+        return jax.device_get(jax.tree.map(one, tree))
+
     def pad_tables(self, params):
         """Engram and OverEncoding tables with zero rows appended up to ``rules.padded_rows``, so
         their rows split evenly over the mesh (unchanged on one device)."""
