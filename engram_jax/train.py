@@ -171,6 +171,7 @@ class _Run:
         self.cfg, self.tcfg, self.corpus, self.out, self.progress = cfg, tcfg, corpus, out, progress
         self.data = data_lib.prepare(corpus, cfg.vocab_size, progress=progress)
         self.hash_fn = data_lib.make_hash_fn(cfg.engram, self.data, cfg.vocab_size) if cfg.engram else None
+        self.hash_fn = par.local_hash_fn(self.hash_fn, tcfg.batch_size)  # this host's sequences
         model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed), remat=tcfg.remat)
         self.store = None
         if cfg.engram is not None and cfg.engram.offload:

@@ -75,3 +75,29 @@ def test_cli_refuses_them_before_any_work(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--process-id I together" in r.stderr, r.stderr[-2000:]
     assert not out.exists()
+
+
+def test_each_host_hashes_the_sequences_it_feeds(monkeypatch):
+    """One process: the hash function unchanged, every row its own. Two (faked): only the rows
+    this process's devices hold are hashed, the same values as hashing the whole batch."""
+    import jax
+    import numpy as np
+
+    from engram_jax.config import TrainConfig, preset
+    from engram_jax.model import default_hash_fn
+    from engram_jax.parallel.sharding import Parallel
+
+    cfg = preset("tiny")
+    par = Parallel(TrainConfig().mesh, cfg, TrainConfig())
+    hash_fn = default_hash_fn(cfg)
+    assert par.local_hash_fn(hash_fn, 8) is hash_fn
+    assert par.local_rows(8).tolist() == list(range(8))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(Parallel, "local_rows", lambda self, b: np.arange(b // 2, b))
+    seen = []
+    local = par.local_hash_fn(lambda ids: seen.append(len(ids)) or hash_fn(ids), 8)
+    ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (8, 16))
+    got, want = local(ids), hash_fn(ids)
+    assert seen == [4]
+    for lid in want:
+        assert (got[lid][4:] == want[lid][4:]).all() and not got[lid][:4].any()

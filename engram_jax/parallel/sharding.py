@@ -95,6 +95,34 @@ class Parallel:
 
         return jax.tree.map(one, batch)
 
+    def local_rows(self, batch_size: int) -> np.ndarray:
+        """The sequences of a batch of ``batch_size`` that this process's devices hold."""
+        index_map = self.batch_sharding.addressable_devices_indices_map((batch_size,))
+        rows = np.zeros(batch_size, bool)
+        for idx in index_map.values():
+            rows[idx[0] if idx else slice(None)] = True
+        return np.flatnonzero(rows)
+
+    def local_hash_fn(self, hash_fn, batch_size: int):
+        """``hash_fn`` computing only this process's sequences of a batch of ``batch_size``
+        (zeros elsewhere: never copied to a device), so that each host hashes what it feeds;
+        ``hash_fn`` itself in a single process. The n-gram hashes of a sequence depend on that
+        sequence alone."""
+        if hash_fn is None or jax.process_count() == 1:
+            return hash_fn
+        rows = self.local_rows(batch_size)
+
+        def local(ids_BxT: np.ndarray) -> dict:
+            part = hash_fn(ids_BxT[rows])
+            out = {}
+            for lid, h in part.items():
+                full = np.zeros((ids_BxT.shape[0], *h.shape[1:]), h.dtype)
+                full[rows] = h
+                out[lid] = full
+            return out
+
+        return local
+
     @staticmethod
     def fetch(tree):
         """Host (numpy) values of a tree of arrays replicated over the mesh (metrics, losses):
