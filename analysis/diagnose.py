@@ -35,7 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis import load
-from analysis.paper import welch
+from analysis.paper import _grid, welch
 from analysis.report import est
 
 NAN = float("nan")
@@ -44,14 +44,6 @@ NAN = float("nan")
 PAPER_NATS_PER_DECADE = 0.028
 PAPER_RELATIVE_GAIN = (1.7248 - 1.7109) / 1.7248
 LOW_RHO, HIGH_RHO = 0.3, 0.8
-
-
-def _grid(results: Path, name: str) -> pd.DataFrame | None:
-    p = Path(results) / name / "runs.csv"
-    if not p.exists():
-        return None
-    d = load.load_runs(p)
-    return d if len(d) else None
 
 
 # ------------------------------------------------------------------------ (a) the left arm
