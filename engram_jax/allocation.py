@@ -296,6 +296,23 @@ BUDGETS: dict[str, Budget] = {
                 ("cpu-1e13", 2068, 100, 1.6e-2, 31e3, "C = 1.1e13: 212k active, 8.5M tokens"),
             )
         ),
+        # The paper-shaped candidate (docs: README "Does the suite reproduce the paper's U?"):
+        # vocabulary 2048, 4 layers, D = 100 P_act (the paper's ratio: 9.58M tokens, 2,338 steps
+        # of 32 x 128), and the paper's Engram shape: orders 2-3, 8 hash heads per order, memory
+        # width d_mem = d_model / 2 (16 heads of width 1), at layer 1. rho stops at 0.4: below it
+        # the removed router columns shrink the active parameters by more than 2%. On
+        # pywheels-v1, the reproducible corpus. Tokens/s: cpu-3e12's measured 52k scaled by the
+        # FLOPs per token (an estimate until its grids record it).
+        Budget(
+            name="cpu2k-5e12", preset="cpu2k-5e12", seeds=(0, 1, 2), steps=2338, batch_size=32,
+            lr=1.6e-2, warmup_steps=115,
+            engram=EngramConfig(layer_ids=(1,), max_ngram=3, heads_per_ngram=8, d_head=1,
+                                table_sizes=(2, 2)),
+            train=(("eval_every", 2338 // 4 + 1), ("eval_batches", 4), ("log_every", 10),
+                   ("final_eval_tokens", 1 << 20)),
+            corpus="pywheels-v1", device="cpu", corpus_tokens=5.5e7, cpu_tokens_per_s=47e3,
+            description="C = 5.5e12: 96k active, 9.6M tokens, vocabulary 2048, 4 layers",
+        ),
         Budget(
             name="gpu-s", preset="gpu-s", seeds=(0, 1), steps=1600, batch_size=64, lr=2e-3,
             warmup_steps=100, train=(("eval_every", 300), ("eval_batches", 16), ("log_every", 50)),

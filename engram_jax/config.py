@@ -411,6 +411,14 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=512, d_model=72, n_layers=3, n_heads=4, d_ff=144, seq_len=128,
         moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=72),
     ),
+    # The paper-shaped candidate regime (allocation.BUDGETS "cpu2k-5e12"): vocabulary 2048 (the
+    # LM head holds 0.7x the active parameters, the paper's 129k x 2560 head 0.6x), 4 layers,
+    # P_tot/P_act ~ 11, experts twice d_model wide so that the router stays under 6% of the active
+    # parameters; trained on 100 tokens per active parameter.
+    "cpu2k-5e12": ModelConfig(
+        vocab_size=2048, d_model=32, n_layers=4, n_heads=4, d_ff=64, seq_len=128,
+        moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=64),
+    ),
     "gpu-s": ModelConfig(
         vocab_size=8192, d_model=512, n_layers=8, n_heads=8, d_ff=1536, seq_len=512,
         moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=512),
