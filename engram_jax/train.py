@@ -1,6 +1,6 @@
 """Train one model: ``run_trial`` (used by the sweeps) and the ``python -m engram_jax.train`` CLI.
 
-One trial = corpus -> tokenizer/shards (data.py) -> seeded batches with host-side hash ids ->
+One trial = corpus -> tokenizer/shards (engram_jax.data) -> seeded batches with host-side hash ids ->
 jitted train steps (optim.py) -> periodic validation -> ``metrics.jsonl`` + ``record.json`` and an
 orbax checkpoint in the output directory. A rerun with the same output directory resumes from
 the checkpoint and reproduces the uninterrupted run's batches.

@@ -130,7 +130,7 @@ def corpus_changed(out: Path, grid: Grid) -> str:
                  - {""})
     if not old:
         return ""
-    from engram_jax.corpus import resolve_corpus
+    from engram_jax.data import resolve_corpus
 
     now = resolve_corpus(grid.corpus).fingerprint
     if old == [now]:

@@ -1,4 +1,4 @@
-"""Wheel corpora (engram_jax/corpus_wheels.py): pinned pure-Python wheels read without installing."""
+"""Wheel corpora (engram_jax/data/wheels.py): pinned pure-Python wheels read without installing."""
 
 import hashlib
 import json
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engram_jax import corpus as corpus_lib
-from engram_jax import corpus_wheels
-from engram_jax.corpus import Corpus, CorpusError, resolve_corpus, resolve_wheel_corpus
+from engram_jax.data import corpus as corpus_lib
+from engram_jax.data import wheels as corpus_wheels
+from engram_jax.data.corpus import Corpus, CorpusError, resolve_corpus, resolve_wheel_corpus
 
 A = "def a():\n    return 1\n"
 B = "class B:\n    pass\n"

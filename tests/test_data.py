@@ -15,7 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from engram_jax import data, shards
+from engram_jax import data
+from engram_jax.data import cache as cache_mod
+from engram_jax.data import shards
 from engram_jax.config import EngramConfig
 from engram_jax.data import (
     BatchIterator,
@@ -251,7 +253,7 @@ def test_compression_cached_next_to_tokenizer(prepared, monkeypatch):
     lookup, v = prepared.compression()
     assert lookup.shape == (V,) and v < V and v == lookup.max() + 1
     assert list((prepared.cache_path).glob("compression*.npy"))
-    monkeypatch.setattr(data, "compression_table", lambda tok: (_ for _ in ()).throw(
+    monkeypatch.setattr(cache_mod, "compression_table", lambda tok: (_ for _ in ()).throw(
         AssertionError("the table should come from the cache")))
     lookup2, v2 = PreparedData(prepared.cache_path).compression()
     np.testing.assert_array_equal(lookup2, lookup)

@@ -43,7 +43,7 @@ def test_continuing_a_grid_on_another_corpus_is_refused(tmp_path, capsys):
     continued: exit 2 before any work, naming both fingerprints; the same fingerprint continues."""
     import json
 
-    from engram_jax.corpus import resolve_corpus
+    from engram_jax.data import resolve_corpus
     from sweeps.results import LEAD_COLUMNS, build_rows, to_csv
     from sweeps.run import corpus_changed, main
     from sweeps.trainable import spec_to_config

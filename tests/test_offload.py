@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from engram_jax.batches import BatchIterator
+from engram_jax.data.batches import BatchIterator
 from engram_jax.config import TrainConfig, preset
 from engram_jax.model import HybridLM, count_params, default_hash_fn
 from engram_jax.offload import HostTables, reference_optimizer, table_grad_sqnorm

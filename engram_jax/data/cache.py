@@ -1,17 +1,15 @@
-"""Input pipeline: corpus -> tokenizer -> token shards -> batches (+ Engram hash ids).
+"""The cache of prepared corpora and its entry point, :func:`prepare`.
 
-Implements the data flow of one trial (docs/design.md section 2) up to the device batch:
+Implements the data flow of one trial (docs/design.md section 2) up to the token streams:
 corpus files (``corpus.py``) -> byte-level BPE tokenizer trained on the train split -> one flat
-token stream per split on disk (memmapped ``.npy``) -> seeded random windows [B, T+1] -> on the
-host, compressed ids -> n-gram hash ids per Engram layer [B, T, G] (``hashing.py``, in a
-background thread). Hashing stays out of the jitted model (docs/paper.md section 1.2).
+token stream per split on disk (memmapped ``.npy``); ``batches.py`` then cuts seeded windows and
+``make_hash_fn`` gives the host-side n-gram hash ids (``hashing.py``, in a background thread).
+Hashing stays out of the jitted model (docs/paper.md section 1.2).
 
-Modules: ``corpus.py`` (documents and fingerprints), ``shards.py`` (document split, BPE training,
-tokenization), ``batches.py`` (windows and prefetching); this one owns the cache and the public
-entry points. Shards are cached under ``$ENGRAM_CACHE`` (default ``~/.cache/engram-suite``), keyed
-by the corpus fingerprint and tokenizer settings; an entry is built in a temp dir under a file
-lock and moved in with ``os.replace``, so concurrent trials share one build and never read a
-partial one, and a changed corpus never reuses stale shards.
+Shards are cached under ``$ENGRAM_CACHE`` (default ``~/.cache/engram-suite``), keyed by the
+corpus fingerprint and tokenizer settings; an entry is built in a temp dir under a file lock and
+moved in with ``os.replace``, so concurrent trials share one build and never read a partial one,
+and a changed corpus never reuses stale shards.
 """
 
 from __future__ import annotations
@@ -31,9 +29,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engram_jax import shards
-from engram_jax.batches import BatchIterator, eval_batches, window_starts
-from engram_jax.corpus import BUILTIN_CORPORA, Corpus, resolve_corpus
+from engram_jax.data import shards
+from engram_jax.data.batches import BatchIterator, eval_batches, window_starts
+from engram_jax.data.corpus import BUILTIN_CORPORA, Corpus, resolve_corpus
 from engram_jax.hashing import NgramHasher, compress, compression_table, identity_compression
 
 if TYPE_CHECKING:

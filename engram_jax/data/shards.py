@@ -2,7 +2,7 @@
 
 The middle of the data flow of docs/design.md section 2: "corpus files -> byte-level BPE tokenizer
 (HF ``tokenizers``, trained on the train split, cached) -> token shards on disk (memmapped
-uint16/uint32)". ``data.py`` owns the cache (keys, locking, atomic moves); this module fills one
+uint16/uint32)". ``cache.py`` owns the cache (keys, locking, atomic moves); this module fills one
 entry directory: ``tokenizer.json``, ``train.npy`` and ``val.npy``.
 
 - The split is by document: a document goes to val when a hash of its key falls below
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engram_jax.corpus import Corpus
+from engram_jax.data.corpus import Corpus
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engram_jax.corpus import SourceFile
+    from engram_jax.data.corpus import SourceFile
 
-MANIFEST_DIR = Path(__file__).resolve().parent / "corpora"
+MANIFEST_DIR = Path(__file__).resolve().parent.parent / "corpora"
 INDEX_VERSION = 1
 # The pip that fetches a missing wheel (its configured index, proxy and certificates apply).
 PIP_COMMAND: list[str] = [sys.executable, "-m", "pip"]
@@ -93,7 +93,7 @@ def check_manifest(m: dict, where: str = "manifest") -> dict:
 def wheel_dir(cache_dir: str | Path | None = None) -> Path:
     """Where wheels and member indexes are kept: ``<cache>/wheels``."""
     if cache_dir is None:
-        from engram_jax.data import default_cache_dir
+        from engram_jax.data.cache import default_cache_dir
 
         cache_dir = default_cache_dir()
     return Path(cache_dir).expanduser() / "wheels"
@@ -161,7 +161,7 @@ def _verify(w: dict, path: Path) -> None:
 
 def _wheel_members(project: str, path: Path) -> list[list]:
     """[key, member, size, sha256] of the usable ``.py`` members of one wheel."""
-    from engram_jax.corpus import _decode_text
+    from engram_jax.data.corpus import _decode_text
 
     out, names = [], set()
     with zipfile.ZipFile(path) as z:
@@ -228,7 +228,7 @@ def resolve_members(manifest: dict, cache_dir: str | Path | None = None) -> list
     Raises:
       CorpusError: a wheel that cannot be downloaded or does not match the manifest.
     """
-    from engram_jax.corpus import SourceFile
+    from engram_jax.data.corpus import SourceFile
 
     wdir = wheel_dir(cache_dir)
     index_path = _index_path(manifest, wdir)
@@ -258,7 +258,7 @@ def resolve_members(manifest: dict, cache_dir: str | Path | None = None) -> list
 
 def read_members(files: list[SourceFile]) -> Iterator[tuple[str, str]]:
     """(key, text) of wheel members, each wheel opened once while its members are read."""
-    from engram_jax.corpus import _decode_text
+    from engram_jax.data.corpus import _decode_text
 
     with contextlib.ExitStack() as stack:
         zips: dict[Path, zipfile.ZipFile] = {}
@@ -273,9 +273,9 @@ def read_members(files: list[SourceFile]) -> Iterator[tuple[str, str]]:
 
 def write_manifest(path: str | Path, name: str, wheels: list[Path], description: str = "") -> dict:
     """Write a manifest for local wheel files (``project-version-...-none-any.whl``) with the
-    fingerprint they resolve to; a maintenance helper, see ``python -m engram_jax.corpus_wheels``.
+    fingerprint they resolve to; a maintenance helper, see ``python -m engram_jax.data.wheels``.
     """
-    from engram_jax.corpus import Corpus
+    from engram_jax.data.corpus import Corpus
 
     entries = []
     for p in sorted(Path(w) for w in wheels):
@@ -308,7 +308,7 @@ def _format_manifest(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m engram_jax.corpus_wheels",
+    ap = argparse.ArgumentParser(prog="python -m engram_jax.data.wheels",
                                  description="write a wheel-corpus manifest from local wheels")
     ap.add_argument("out", help="manifest path, e.g. engram_jax/corpora/pywheels-v2.json")
     ap.add_argument("wheels", nargs="+", help="pure-Python wheel files")

@@ -19,7 +19,7 @@ One built-in corpus does not depend on the installation at all:
   docutils, pylint, astroid), each pinned by file name and SHA-256 in
   ``engram_jax/corpora/pywheels-v1.json`` together with the fingerprint they give. The wheels are
   fetched with ``pip download`` into ``$ENGRAM_CACHE/wheels`` on first use (or copied there
-  beforehand on an offline machine) and read without installing them; see ``corpus_wheels.py``.
+  beforehand on an offline machine) and read without installing them; see ``wheels.py``.
   8,479 files after deduplication; 68.8M train and 3.6M validation tokens at vocabulary 512. Its
   fingerprint is the same on every machine and with any packages installed, so science grids use
   it: their results can be reproduced, and a grid continued, on another machine (``sweeps.run``
@@ -51,8 +51,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engram_jax import corpus_wheels
-from engram_jax.corpus_wheels import CorpusError
+from engram_jax.data import wheels as corpus_wheels
+from engram_jax.data.wheels import CorpusError
 
 WHEEL_CORPORA = ("pywheels-v1",)
 BUILTIN_CORPORA = ("pystdlib", "pysrc", *WHEEL_CORPORA)
@@ -298,7 +298,7 @@ def resolve_corpus(spec: str) -> Corpus:
 
 
 def resolve_wheel_corpus(manifest: str | Path, cache_dir: str | Path | None = None) -> Corpus:
-    """The corpus of a wheel-corpus manifest (``corpus_wheels.py``), its fingerprint checked.
+    """The corpus of a wheel-corpus manifest (``wheels.py``), its fingerprint checked.
 
     Args:
       manifest: path of the manifest (``engram_jax/corpora/<name>.json``).
