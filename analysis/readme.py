@@ -51,24 +51,36 @@ def _si(x: float) -> str:
 
 
 def block_ladder(results: Path) -> str:
-    """The budgets: shape, regime and the measured time of a trial (median wall time of the
-    budget's committed trials, which ran two at a time on the 2-core machine)."""
-    from engram_jax.allocation import BUDGETS, expected_trial_s
+    """The budgets: shape, regime, corpus, the measured time of a trial (median wall time of the
+    budget's committed trials, which ran two at a time on the 2-core machine), the planned time
+    of a trial and of the whole grid, and for GPU budgets the memory plan of a trial (per device,
+    at the grid's lowest rho, ``engram_jax.memory.memory_plan``)."""
+    from engram_jax.allocation import BUDGETS, allocate, expected_trial_s
+    from engram_jax.config import TrainConfig
+    from engram_jax.memory import memory_plan
 
-    lines = ["| budget | device | total | P_tot | P_act | P_tot/P_act | tokens/trial | tokens/P_act "
-             "| C = 6 P_act D | epochs | trials | measured s/trial (trials) | planned s/trial |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| budget | device | corpus | total | P_tot | P_act | P_tot/P_act | tokens/trial "
+             "| tokens/P_act | C = 6 P_act D | epochs | trials | measured s/trial (trials) "
+             "| planned s/trial | planned h/grid | memory plan |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in BUDGETS.values():
         c = b.base().param_counts()
         D = b.tokens()
         runs = [r for r in (_grid(results, b.name), _grid(results, f"lr-{b.name}")) if r is not None]
         walls = pd.concat([r["wall_s"] for r in runs]) if runs else pd.Series(dtype=float)
         measured = f"{walls.median():.0f} ({len(walls)})" if len(walls) else "-"
+        n = len(b.rhos) * len(b.seeds)
+        t = expected_trial_s(b)
+        mem = "-"
+        if b.device == "gpu":
+            tcfg = TrainConfig(**{**b.train_overrides(), "seed": 0})
+            plan = memory_plan(allocate(b.base(), min(b.rhos), b.engram), tcfg)
+            mem = f"{plan['total'] / 2**30:.0f} GiB"
         lines.append(
-            f"| {b.name} | {b.device} | {_si(c['total'])} | {_si(c['p_tot'])} | {_si(c['active'])} "
-            f"| {c['p_tot'] / c['active']:.1f} | {_si(D)} | {D / c['active']:.2g} "
+            f"| {b.name} | {b.device} | `{b.corpus}` | {_si(c['total'])} | {_si(c['p_tot'])} "
+            f"| {_si(c['active'])} | {c['p_tot'] / c['active']:.1f} | {_si(D)} | {D / c['active']:.3g} "
             f"| {6 * c['active'] * D:.2g} | {D / b.corpus_tokens:.2g} "
-            f"| {len(b.rhos) * len(b.seeds)} | {measured} | {expected_trial_s(b):.0f} |")
+            f"| {n} | {measured} | {t:.0f} | {n * t / 3600:.2g} | {mem} |")
     return "\n".join(lines)
 
 

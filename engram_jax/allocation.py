@@ -32,6 +32,9 @@ from engram_jax.hashing import head_primes
 
 TOLERANCE = 0.02  # allowed relative change of total and active parameters vs the base
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+# The GPU ladder's corpus: a web corpus the user downloads (README "The GPU ladder"); the grid
+# loader expands the variable and names it when it is unset.
+WEB_CORPUS = "$ENGRAM_WEB_CORPUS"
 # The ladder's rho grids: down to 0.3 where the allocation stays within the 2% tolerance;
 # cpu-1e12's removed router columns (48 wide) shrink its active parameters by 2.3% at 0.3.
 LADDER_RHOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -313,36 +316,69 @@ BUDGETS: dict[str, Budget] = {
             corpus="pywheels-v1", device="cpu", corpus_tokens=5.5e7, cpu_tokens_per_s=47e3,
             description="C = 5.5e12: 96k active, 9.6M tokens, vocabulary 2048, 4 layers",
         ),
+        # The paper-regime GPU ladder: D = 100 P_act (the paper's ratio), P_tot/P_act ~ 10 with
+        # the paper's fine-grained experts (106 routed, top-6, two shared), the paper's Engram
+        # shape (orders 2-3, 8 heads per order, d_mem = d_model / 2, at layers 1 and L // 2 - 1),
+        # vocabulary 32768, on a web corpus (FineWeb-Edu's sample-10BT Parquet files, pointed at
+        # by $ENGRAM_WEB_CORPUS; README "The GPU ladder"). Batches of 256-512 sequences of 1024
+        # tokens, split into micro-batches (grad_accum) and a chunked loss so that a trial's
+        # memory plan fits an 80 GB GPU at the sweep's memory fraction 0.9. Learning rates:
+        # placeholders until each budget's lr-<budget> grids (rho = 1.0 and 0.4) have run.
+        *(
+            Budget(
+                name=name, preset=name, rhos=LADDER_RHOS, seeds=(0, 1, 2), steps=steps,
+                batch_size=batch, lr=lr, warmup_steps=steps // 50,
+                engram=EngramConfig(layer_ids=layers, max_ngram=3, heads_per_ngram=8,
+                                    d_head=d_head, table_sizes=(2, 2)),
+                train=(("eval_every", steps // 8 + 1), ("eval_batches", 16), ("log_every", 50),
+                       ("final_eval_tokens", 1 << 23), ("grad_accum", accum),
+                       ("loss_chunk", 8192), ("ckpt_every", 1000)),
+                corpus=WEB_CORPUS, device="gpu", corpus_tokens=9e9, description=desc,
+            )
+            for name, steps, batch, accum, lr, layers, d_head, desc in (
+                ("gpu-1e17", 4927, 256, 4, 2e-3, (1, 5), 8,
+                 "C = 1.0e17: 12.9M active, 1.29B tokens, 12 layers x 256"),
+                ("gpu-3e17", 5956, 384, 8, 1.5e-3, (1, 6), 10,
+                 "C = 3.3e17: 23.4M active, 2.34B tokens, 14 layers x 320"),
+                ("gpu-1e18", 8106, 512, 16, 1e-3, (1, 4), 16,
+                 "C = 1.1e18: 42.5M active, 4.25B tokens, 10 layers x 512"),
+            )
+        ),
+        # Quick GPU checks (a few minutes each): the machinery on one GPU, far from the paper's
+        # regime (1.9 and 0.39 tokens per active parameter); not for deciding the law.
         Budget(
             name="gpu-s", preset="gpu-s", seeds=(0, 1), steps=1600, batch_size=64, lr=2e-3,
             warmup_steps=100, train=(("eval_every", 300), ("eval_batches", 16), ("log_every", 50)),
             corpus="pysrc", device="gpu", corpus_tokens=6e7,
-            description="287M total / 27M active, two seeds, about one pass over pysrc",
+            description="quick GPU check: 287M total / 27M active, two seeds",
         ),
         Budget(
             name="gpu-m", preset="gpu-m", steps=1200, batch_size=32, lr=1.5e-3,
             warmup_steps=100, train=(("eval_every", 300), ("eval_batches", 16), ("log_every", 50)),
             corpus="pysrc", device="gpu", corpus_tokens=5e7,
-            description="974M total / 100M active, one seed, about 0.8 passes over pysrc",
+            description="quick GPU check: 974M total / 100M active, one seed",
         ),
     )
 }
 
 
-# Planning figures for budget_ladder(). GPU: H100 bf16 dense peak measured at 664 TFLOP/s
-# (docs/design.md section 9) at an assumed 30% MFU: an estimate, not a measurement. CPU: a trial's throughput
-# measured on the 2-core development machine (Budget.cpu_tokens_per_s).
-H100_PEAK_FLOPS = 664e12
-ASSUMED_MFU = 0.30
+# Planning figures for budget_ladder(). GPU: the H200 measurements of results/bench/nvidia-h200.csv
+# (run 20261128T042230): JAX's bf16 matmul peak there, 605.2 TFLOP/s, and the train step's MFU
+# against it, 0.248-0.253 at gpu-s and 0.257-0.262 at gpu-m (d_model 512 and 768, rho 0.8 and
+# 1.0); the planned time assumes the lowest at every budget (the narrower gpu-1e17 and gpu-3e17
+# may run at less). CPU: a trial's
+# throughput measured on the 2-core development machine (Budget.cpu_tokens_per_s).
+H200_PEAK_FLOPS = 605.2e12
+H200_MFU = 0.248
 TRIAL_OVERHEAD_S = {"cpu": 25.0, "gpu": 60.0}  # start-up, data loading, compilation, evals
 
 
 def expected_trial_s(b: Budget) -> float:
     """Planning estimate of one trial's wall time in seconds (see the constants above)."""
-    cfg = allocate(b.base(), min(b.rhos))
+    cfg = allocate(b.base(), min(b.rhos), b.engram)
     if b.device == "gpu":
         # Executed FLOPs (capacity buffers included) of the rho with the largest Engram.
-        train_s = b.tokens() * cfg.flops_per_token(executed=True) / (H100_PEAK_FLOPS * ASSUMED_MFU)
+        train_s = b.tokens() * cfg.flops_per_token(executed=True) / (H200_PEAK_FLOPS * H200_MFU)
     else:
         train_s = b.tokens() / b.cpu_tokens_per_s
     return train_s + TRIAL_OVERHEAD_S[b.device]

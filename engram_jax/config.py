@@ -419,6 +419,21 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=2048, d_model=32, n_layers=4, n_heads=4, d_ff=64, seq_len=128,
         moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=64),
     ),
+    # The paper-regime GPU ladder (allocation.BUDGETS "gpu-1e17" .. "gpu-1e18"), shaped like the
+    # paper's MoE: 106 fine-grained routed experts of width d_model / 2, top-6, two shared
+    # (P_tot/P_act ~ 10, E0 - k = 100), vocabulary 32768, sequences of 1024, 10-14 layers.
+    "gpu-1e17": ModelConfig(
+        vocab_size=32768, d_model=256, n_layers=12, n_heads=4, d_ff=1024, seq_len=1024,
+        moe=MoEConfig(n_routed=106, top_k=6, n_shared=2, d_expert=128),
+    ),
+    "gpu-3e17": ModelConfig(
+        vocab_size=32768, d_model=320, n_layers=14, n_heads=5, d_ff=1280, seq_len=1024,
+        moe=MoEConfig(n_routed=106, top_k=6, n_shared=2, d_expert=160),
+    ),
+    "gpu-1e18": ModelConfig(
+        vocab_size=32768, d_model=512, n_layers=10, n_heads=8, d_ff=2048, seq_len=1024,
+        moe=MoEConfig(n_routed=106, top_k=6, n_shared=2, d_expert=256),
+    ),
     "gpu-s": ModelConfig(
         vocab_size=8192, d_model=512, n_layers=8, n_heads=8, d_ff=1536, seq_len=512,
         moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=512),

@@ -13,7 +13,8 @@ A grid file (YAML) names a base and what varies. Schema (every key optional unle
     seeds: [0, 1]
     steps: 60                    # or tokens: 2.0e6 (steps = ceil(tokens / (batch_size * seq_len)))
     batch_size: 16
-    corpus: pystdlib             # "pystdlib" | "pysrc" | "pywheels-v1" | a path
+    corpus: pystdlib             # "pystdlib" | "pysrc" | "pywheels-v1" | a path; $VARS and ~ are
+                                 # expanded ($ENGRAM_WEB_CORPUS: the GPU ladder's web corpus)
     resources: auto              # or {cpu: N, gpu: G} or {cpu: N, tpu: chips} (Ray's TPU) per
                                  # trial; G > 1 (or chips > 1) for a trial over a mesh; with
                                  # workers: W, each trial runs W JAX processes (Ray Train's
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,7 +213,8 @@ def load_grid(path: str | Path, *, check_corpus: bool = True) -> Grid:
                                or not math.isfinite(tokens) or tokens <= 0):
         raise fail(f"tokens must be a positive number, got {raw.get('tokens')!r}")
 
-    corpus = str(raw.get("corpus", budget.corpus if budget else "pystdlib"))
+    corpus = _expand_corpus(str(raw.get("corpus", budget.corpus if budget else "pystdlib")),
+                            fail if check_corpus else None)
     resources = _resources(raw.get("resources", "auto"), fail)
     if check_corpus:
         _check_corpus(corpus, fail)
@@ -342,6 +345,23 @@ def _check_mesh_resources(mesh, resources, fail) -> None:
     if mesh.size % workers:
         raise fail(f"train.mesh {mesh} ({mesh.size} devices) does not split over "
                    f"{workers} workers")
+
+
+def _expand_corpus(spec: str, fail) -> str:
+    """A corpus spec with its environment variables expanded (``$ENGRAM_WEB_CORPUS``, ``~``); an
+    unset variable is an error, or (``fail`` None: a grid loaded without its corpus check) the
+    spec as written."""
+    if "$" not in spec and not spec.startswith("~"):
+        return spec
+    expanded = os.path.expanduser(os.path.expandvars(spec))
+    unset = sorted(set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)))
+    if unset and fail is None:
+        return spec
+    if unset:
+        raise fail(f"corpus {spec!r}: environment variable {', '.join(unset)} is not set; set it to "
+                   "the corpus folder (README: 'The GPU ladder' names the web corpus and how to "
+                   "download and prepare it)")
+    return expanded
 
 
 def _check_corpus(spec: str, fail) -> None:

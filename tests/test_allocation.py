@@ -183,3 +183,50 @@ def test_paper_regime_ladder_shape():
         for rho in b.rhos:  # every point realised within the tolerance, on whole experts
             assert abs(allocate(base, rho).param_counts()["rho"] - rho) < 0.01
     assert max(compute) / min(compute) >= 10
+
+
+def test_gpu_ladder_is_the_papers_regime_and_fits_an_80gb_gpu():
+    """gpu-1e17 .. gpu-1e18: shaped like the paper's budgets (P_tot/P_act ~ 10, fine-grained
+    top-6 experts, D = 100 P_act, named by C = 6 P_act D over a decade), the paper's Engram shape,
+    a web corpus, and a memory plan that fits an 80 GB GPU at the sweep's fraction 0.9."""
+    from engram_jax.allocation import WEB_CORPUS
+    from engram_jax.config import TrainConfig
+    from engram_jax.memory import memory_plan
+
+    ladder = [b for n, b in BUDGETS.items() if re.fullmatch(r"gpu-\de\d+", n)]
+    assert len(ladder) >= 3
+    compute = []
+    for b in ladder:
+        base = b.base()
+        c = base.param_counts()
+        assert 8 <= c["p_tot"] / c["active"] <= 12 and base.moe.top_k == 6, b.name
+        assert base.moe.d_expert * 2 == base.d_model and base.vocab_size == 32768, b.name
+        assert 95 <= b.tokens() / c["active"] <= 105, b.name
+        C = 6 * c["active"] * b.tokens()
+        mantissa, exponent = b.name.removeprefix("gpu-").split("e")
+        assert abs(math.log10(C) - math.log10(float(mantissa) * 10 ** int(exponent))) < 0.1, (b.name, C)
+        compute.append(C)
+        e = b.engram
+        assert (e.max_ngram, e.heads_per_ngram) == (3, 8) and e.n_heads * e.d_head * 2 == base.d_model
+        assert e.layer_ids[0] == 1 and b.corpus == WEB_CORPUS and len(b.seeds) == 3
+        assert min(b.rhos) <= 0.3 and 1.0 in b.rhos
+        tcfg = TrainConfig(**{**b.train_overrides(), "seed": 0})
+        for rho in b.rhos:
+            cfg = allocate(base, rho, b.engram)
+            assert abs(cfg.param_counts()["rho"] - rho) < 0.01
+            assert memory_plan(cfg, tcfg)["total"] <= 0.9 * 80e9, (b.name, rho)
+    assert max(compute) / min(compute) >= 10
+
+
+def test_gpu_planning_figures_are_the_measured_ones():
+    """The GPU planning constants are the H200 measurements committed in results/bench."""
+    import csv
+    from pathlib import Path
+
+    from engram_jax.allocation import H200_MFU, H200_PEAK_FLOPS
+
+    rows = list(csv.DictReader(open(Path(__file__).parent.parent / "results/bench/nvidia-h200.csv")))
+    peak = [float(r["value"]) for r in rows if r["name"] == "reference_peak_tflops"]
+    mfu = [float(r["value"]) for r in rows if r["name"] == "mfu"]
+    assert peak and H200_PEAK_FLOPS == pytest.approx(peak[0] * 1e12, rel=1e-3)
+    assert mfu and H200_MFU == pytest.approx(min(mfu), abs=1e-3)

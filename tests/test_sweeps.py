@@ -362,3 +362,19 @@ def test_a_grid_may_gain_trials_but_not_change_or_drop_finished_ones(tmp_path, c
     before = _snapshot(out)
     assert main([str(path), "--results", str(tmp_path / "results")]) == 3
     assert _snapshot(out) == before
+
+
+def test_corpus_environment_variables_expand_or_fail_naming_the_variable(tmp_path, monkeypatch, corpus):
+    """The GPU ladder names its corpus as $ENGRAM_WEB_CORPUS: expanded when set; unset, the grid
+    stops at load naming the variable (and loads as written when its corpus is not checked)."""
+    g = tmp_path / "web.yaml"
+    g.write_text("base: smoke\nrho: [1.0]\ncorpus: $ENGRAM_TEST_CORPUS/sub\n")
+    monkeypatch.delenv("ENGRAM_TEST_CORPUS", raising=False)
+    with pytest.raises(GridError, match="ENGRAM_TEST_CORPUS is not set"):
+        load_grid(g)
+    assert load_grid(g, check_corpus=False).corpus == "$ENGRAM_TEST_CORPUS/sub"
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "sub").symlink_to(corpus)
+    monkeypatch.setenv("ENGRAM_TEST_CORPUS", str(tmp_path / "c"))
+    loaded = load_grid(g)
+    assert loaded.corpus == f"{tmp_path}/c/sub" and loaded.trials[0].corpus == loaded.corpus
