@@ -176,6 +176,9 @@ REGIMES = (
     Regime("cpu-3e12 shape on pywheels-v1 (diagnostics)", "diag-c-cpu-3e12-memory",
            ("diag-a-cpu-3e12-base",), pure_moe="diag-b-cpu-3e12-experts",
            note="rho 1.0 / 0.8 / 0.3 only"),
+    Regime("candidate: the cpu-3e12 shape with 8 heads per order (pywheels-v1)",
+           "cand-cpu-3e12-pe-memory", ("cand-cpu-3e12-pe",), pure_moe="diag-b-cpu-3e12-experts"),
+    Regime("candidate: cpu2k-5e12 (pywheels-v1)", "cand-cpu2k-5e12-memory", ("cpu2k-5e12",)),
 )
 
 
@@ -194,6 +197,29 @@ def relative_gain(runs: pd.DataFrame, level: float = 0.95) -> dict[str, float]:
     return out
 
 
+def regime_shape(runs: pd.DataFrame) -> str:
+    """The regime's shape read back from its runs: vocabulary, layers, d_model, the Engram's hash
+    heads per order and memory width d_mem (over d_model), and training tokens per active
+    parameter (of the rho = 1 run, or the first run when there is none)."""
+    import json
+
+    if runs is None or "config_json" not in runs or runs.empty:
+        return "-"
+    rows = runs[runs["rho"] == 1.0] if (runs["rho"] == 1.0).any() else runs
+    cfg = json.loads(rows.iloc[0]["config_json"])
+    parts = [f"V {cfg['vocab_size']}", f"{cfg['n_layers']} x {cfg['d_model']}"]
+    engrams = [json.loads(c).get("engram") for c in runs["config_json"]]
+    e = next((x for x in engrams if x), None)
+    if e:
+        d_mem = (e["max_ngram"] - 1) * e["heads_per_ngram"] * e["d_head"]
+        frac = cfg["d_model"] / d_mem
+        parts.append(f"Engram {e['heads_per_ngram']} heads/order, d_mem {d_mem}"
+                     f" = d/{frac:.3g}")
+    tpp = float(rows.iloc[0]["tokens_seen"]) / float(rows.iloc[0]["params_active"])
+    parts.append(f"{tpp:.0f} tokens/P_act")
+    return ", ".join(parts)
+
+
 def mechanism_table(results: str | Path, regimes=REGIMES, level: float = 0.95) -> pd.DataFrame:
     """One row per regime with data, then the paper: memory's value (nats per decade of slots)
     and the relative gain of the best rho, each with its interval and its ratio to the paper's."""
@@ -210,7 +236,8 @@ def mechanism_table(results: str | Path, regimes=REGIMES, level: float = 0.95) -
         gain = relative_gain(alloc, level) if alloc is not None else None
         if mem is None and (gain is None or not math.isfinite(gain["value"])):
             continue
-        rows.append({"regime": r.name, "note": r.note,
+        shape_runs = alloc if alloc is not None else _grid(results, r.memory)
+        rows.append({"regime": r.name, "note": r.note, "shape": regime_shape(shape_runs),
                      "npd": mem["value"] if mem else NAN, "npd_lo": mem["lo"] if mem else NAN,
                      "npd_hi": mem["hi"] if mem else NAN,
                      "npd_decades": mem["decades"] if mem else NAN,
@@ -218,6 +245,7 @@ def mechanism_table(results: str | Path, regimes=REGIMES, level: float = 0.95) -
                      "gain_hi": gain["hi"] if gain else NAN,
                      "best_rho": gain["best_rho"] if gain else NAN})
     rows.append({"regime": "paper (6e20; memory scaling at a 568M-active backbone)", "note": "",
+                 "shape": "V 129k, Engram 8 heads/order, d_mem = d/2, ~100 tokens/P_act",
                  "npd": PAPER_NATS_PER_DECADE, "npd_lo": NAN, "npd_hi": NAN, "npd_decades": 1.59,
                  "gain": PAPER_RELATIVE_GAIN, "gain_lo": NAN, "gain_hi": NAN, "best_rho": 0.8})
     t = pd.DataFrame(rows)
@@ -232,9 +260,9 @@ def _x(v: float) -> str:
 
 
 def mechanism_markdown(t: pd.DataFrame) -> str:
-    lines = ["| regime | memory's value: nats per decade of slots [95%] | vs paper "
+    lines = ["| regime | shape | memory's value: nats per decade of slots [95%] | vs paper "
              "| relative gain of the best rho [95%] | best rho | vs paper |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for r in t.itertuples():
         npd = est(r.npd, r.npd_lo, r.npd_hi)
         if math.isfinite(r.npd) and not math.isfinite(r.npd_lo):
@@ -246,7 +274,7 @@ def mechanism_markdown(t: pd.DataFrame) -> str:
             if math.isfinite(r.gain_lo) else f"{100 * r.gain:.1f}%")
         note = f" ({r.note})" if r.note else ""
         best = "-" if not math.isfinite(r.best_rho) else f"{r.best_rho:.1f}"
-        lines.append(f"| {r.regime}{note} | {npd} | {_x(r.npd_ratio)} | {gain} | {best} "
+        lines.append(f"| {r.regime}{note} | {r.shape} | {npd} | {_x(r.npd_ratio)} | {gain} | {best} "
                      f"| {_x(r.gain_ratio)} |")
     return "\n".join(lines)
 

@@ -75,3 +75,26 @@ def test_diagnostics_read_back_from_grids(tmp_path):
     paper = t.loc[t.index.str.startswith("paper")].iloc[0]
     assert paper["gain"] == pytest.approx(0.0139 / 1.7248) and paper["npd_ratio"] == 1.0
     assert "1.1x" in diagnose.mechanism_markdown(diagnose.mechanism_table(tmp_path))
+
+
+def test_regime_shape_reads_the_configs_back():
+    """The mechanism table's shape column comes from the runs' own config JSON: vocabulary,
+    layers x width, the Engram's heads per order and d_mem, tokens per active parameter."""
+    import json
+
+    import pandas as pd
+
+    from engram_jax.allocation import BUDGETS, allocate
+    from engram_jax.config import preset
+
+    b = BUDGETS["cpu2k-5e12"]
+    base, hybrid = preset("cpu2k-5e12"), allocate(preset("cpu2k-5e12"), 0.6, b.engram)
+    runs = pd.DataFrame([
+        {"rho": 1.0, "config_json": json.dumps(base.to_dict()), "tokens_seen": b.tokens(),
+         "params_active": base.param_counts()["active"]},
+        {"rho": 0.6, "config_json": json.dumps(hybrid.to_dict()), "tokens_seen": b.tokens(),
+         "params_active": hybrid.param_counts()["active"]},
+    ])
+    assert diagnose.regime_shape(runs) == (
+        "V 2048, 4 x 32, Engram 8 heads/order, d_mem 16 = d/2, 100 tokens/P_act")
+    assert diagnose.regime_shape(runs.drop(columns="config_json")) == "-"
