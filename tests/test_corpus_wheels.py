@@ -204,8 +204,8 @@ def test_builtin_name_cli_and_grid_fail_before_work(tmp_path, monkeypatch, capsy
 
 def test_pysrc_warns_once(monkeypatch, capsys, tmp_path):
     (tmp_path / "m.py").write_text("x = 1\n")
-    src = corpus_lib._source("stdlib/m.py", tmp_path / "m.py", "text")
-    monkeypatch.setattr(corpus_lib, "_python_sources", lambda include_site_packages: [src])
+    monkeypatch.setattr(corpus_lib, "_python_candidates",
+                        lambda include_site_packages: [("stdlib/m.py", tmp_path / "m.py")])
     monkeypatch.setattr(corpus_lib, "_warned_pysrc", False)
     resolve_corpus("pysrc")
     resolve_corpus("pysrc")

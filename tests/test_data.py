@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import gzip
 import json
+import os
 import threading
 import time
 
@@ -16,11 +17,13 @@ import numpy as np
 import pytest
 
 from engram_jax import data
+from engram_jax.data import build as build_mod
 from engram_jax.data import cache as cache_mod
-from engram_jax.data import shards
 from engram_jax.config import EngramConfig
 from engram_jax.data import (
     BatchIterator,
+    Corpus,
+    CorpusChanged,
     PreparedData,
     epochs,
     eval_batches,
@@ -208,7 +211,8 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
         raise AssertionError("a cached corpus must not be rebuilt")
 
     with monkeypatch.context() as m:
-        m.setattr(shards, "build_shards", no_rebuild)
+        m.setattr(build_mod.Build, "run", no_rebuild)
+        m.setattr(Corpus, "content_hashes", no_rebuild)  # nor reread: a stat of its files
         t0 = time.perf_counter()
         d2 = prepare(str(src), V, cache_dir=cache, progress=False)
         assert time.perf_counter() - t0 < 5.0
@@ -219,25 +223,33 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
 
     edited = src / "a" / "d001.txt"
     edited.write_text(edited.read_text() + "an edit\n")
-    d3 = prepare(str(src), V, cache_dir=cache, progress=False)
+    with pytest.raises(CorpusChanged, match=r"changed since it was prepared.*a/d001.txt.*--rescan"):
+        prepare(str(src), V, cache_dir=cache, progress=False)
+    d3 = prepare(str(src), V, cache_dir=cache, progress=False, rescan=True)
     assert d3.fingerprint != d1.fingerprint and d3.cache_path != d1.cache_path
     assert d1.cache_path.exists(), "the old entry is left alone"
     assert d3.n_train_tokens + d3.n_val_tokens != d1.n_train_tokens + d1.n_val_tokens
     assert prepare(str(src), V, cache_dir=cache, val_fraction=0.1,
                    progress=False).cache_path != d3.cache_path
-    assert not [p for p in cache.iterdir() if ".tmp-" in p.name], "no temp dirs left behind"
+    assert not [p for p in cache.iterdir() if "partial" in p.name], "no build folders left behind"
+    # touched, not changed: a rescan finds the same contents and keeps the entry
+    os.utime(edited, ns=(1, 1))
+    with pytest.raises(CorpusChanged, match="modification time changed"):
+        prepare(str(src), V, cache_dir=cache, progress=False)
+    assert prepare(str(src), V, cache_dir=cache, progress=False,
+                   rescan=True).cache_path == d3.cache_path
 
 
 def test_concurrent_prepare_builds_once(tmp_path, monkeypatch):
     src = write_text_dir(tmp_path / "src", make_docs(8, seed=4))
-    calls, real_build = [], shards.build_shards
+    calls, real_run = [], build_mod.Build.run
 
-    def counting_build(*a, **k):
+    def counting_run(self):
         calls.append(1)
         time.sleep(0.2)  # widen the race window
-        return real_build(*a, **k)
+        return real_run(self)
 
-    monkeypatch.setattr(shards, "build_shards", counting_build)
+    monkeypatch.setattr(build_mod.Build, "run", counting_run)
     results: list = []
     threads = [threading.Thread(target=lambda: results.append(
         prepare(str(src), V, cache_dir=tmp_path / "cache", progress=False))) for _ in range(3)]

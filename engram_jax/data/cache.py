@@ -1,58 +1,49 @@
 """The cache of prepared corpora and its entry point, :func:`prepare`.
 
 Implements the data flow of one trial (docs/design.md section 2) up to the token streams:
-corpus files (``corpus.py``) -> byte-level BPE tokenizer trained on the train split -> one flat
-token stream per split on disk (memmapped ``.npy``); ``batches.py`` then cuts seeded windows and
-``make_hash_fn`` gives the host-side n-gram hash ids (``hashing.py``, in a background thread).
-Hashing stays out of the jitted model (docs/paper.md section 1.2).
+corpus files (``corpus.py``) -> tokenizer (the own byte-level BPE trained on the train split, or
+the user's) -> one flat token stream per split on disk (memmapped ``.npy``); ``batches.py`` then
+cuts seeded windows and ``hashids.make_hash_fn`` gives the host-side n-gram hash ids.
 
-Shards are cached under ``$ENGRAM_CACHE`` (default ``~/.cache/engram-suite``), keyed by the
-corpus fingerprint and tokenizer settings; an entry is built in a temp dir under a file lock and
-moved in with ``os.replace``, so concurrent trials share one build and never read a partial one,
-and a changed corpus never reuses stale shards.
+Entries live under ``$ENGRAM_CACHE`` (default ``~/.cache/engram-suite``; it may be shared
+storage), one folder per (corpus fingerprint, vocabulary, split, tokenizer):
+``tokenizer.json``, ``train.npy``, ``val.npy``, ``meta.json`` (settings and counts) and
+``manifest.json`` (the corpus files and each unit's token counts). A trial finds its entry
+without reading the corpus: the corpus manifest (``manifest.py``) gives the fingerprint once a
+stat of the files matches it, and the entry is checked for missing or short files
+(:class:`EntryError`). Building (``build.py``) happens under a file lock per corpus location, in a
+``.partial`` folder moved into place with ``os.replace``: concurrent trials share one build and
+never read a partial one, a killed build resumes, and a changed corpus never reuses stale shards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
-import re
-import shutil
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engram_jax.data import shards
-from engram_jax.data.batches import BatchIterator, eval_batches, window_starts
-from engram_jax.data.corpus import BUILTIN_CORPORA, Corpus, resolve_corpus
-from engram_jax.hashing import NgramHasher, compress, compression_table, identity_compression
+from engram_jax.data.build import (
+    Build,
+    EntryError,
+    default_workers,
+    entry_name,
+    entry_settings,
+    file_lock,
+)
+from engram_jax.data.corpus import Listing, list_corpus, resolve_corpus
+from engram_jax.data.manifest import (
+    known_fingerprint,
+    merge_rows,
+    safe_name,
+    write_manifest,
+)
+from engram_jax.data.tokenizer import TokenizerSpec, load_tokenizer_spec
+from engram_jax.hashing import compression_table, identity_compression
 
-if TYPE_CHECKING:
-    from engram_jax.config import EngramConfig
-
-__all__ = [
-    "BUILTIN_CORPORA",
-    "BatchIterator",
-    "Corpus",
-    "PreparedData",
-    "default_cache_dir",
-    "epochs",
-    "eval_batches",
-    "make_hash_fn",
-    "prepare",
-    "resolve_corpus",
-    "window_starts",
-]
-
-FORMAT_VERSION = 1
-BPE_SAMPLE_CHARS = 8_000_000
 _COMPRESSION_FILE = "compression-v1.npy"
 
 
@@ -62,27 +53,62 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "engram-suite"
 
 
+def _damaged(path: Path, what: str) -> EntryError:
+    return EntryError(f"cache entry {path} is damaged: {what}; delete the folder to prepare the "
+                      "corpus again (nothing was changed)")
+
+
+def _load_stream(entry: Path, name: str, n: int | None, dtype: str | None) -> np.memmap:
+    path = entry / name
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise _damaged(entry, f"{name} is missing") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise _damaged(entry, f"{name} is unreadable or truncated ({e})") from None
+    if arr.ndim != 1 or (dtype is not None and arr.dtype.name != dtype):
+        raise _damaged(entry, f"{name} holds a {arr.dtype} array of shape {arr.shape}, not a "
+                              f"1-D {dtype} stream")
+    if n is not None and len(arr) != n:
+        raise _damaged(entry, f"{name} holds {len(arr):,} tokens, meta.json says {n:,}")
+    if len(arr) == 0:
+        raise _damaged(entry, f"{name} is empty")
+    return arr
+
+
 class PreparedData:
     """A prepared corpus: tokenizer plus memmapped train/val token streams (one cache entry).
 
     Attributes:
-      tokenizer: the trained HF ``tokenizers.Tokenizer``.
+      tokenizer: the HF ``tokenizers.Tokenizer`` (the own BPE, or the user's).
       train_tokens, val_tokens: 1-D memmapped uint16/uint32 token streams (docs joined by eos).
-      vocab_size, eos_id (= pad id, 0), fingerprint, corpus_name, spec, n_train_tokens,
-      n_val_tokens, cache_path, meta (the entry's ``meta.json``).
+      vocab_size, eos_id, pad_id (the EOS id unless the tokenizer names a pad token; 0 for the
+      own BPE), fingerprint, corpus_name, spec, n_train_tokens, n_val_tokens, cache_path, meta
+      (the entry's ``meta.json``).
+
+    Raises:
+      EntryError: a file of the entry is missing, unreadable, short or empty.
     """
 
     def __init__(self, cache_path: Path):
         from tokenizers import Tokenizer
 
-        self.cache_path = Path(cache_path)
-        self.meta = json.loads((self.cache_path / "meta.json").read_text())
-        self.tokenizer: Tokenizer = Tokenizer.from_file(str(self.cache_path / "tokenizer.json"))
+        self.cache_path = p = Path(cache_path)
+        try:
+            self.meta = json.loads((p / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise _damaged(p, f"meta.json is unreadable ({e})") from None
+        try:
+            self.tokenizer: Tokenizer = Tokenizer.from_file(str(p / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions
+            raise _damaged(p, f"tokenizer.json does not load ({e})") from None
         self.tokenizer.encode_special_tokens = True  # not saved in tokenizer.json
-        self.train_tokens = np.load(self.cache_path / "train.npy", mmap_mode="r")
-        self.val_tokens = np.load(self.cache_path / "val.npy", mmap_mode="r")
+        dtype = self.meta.get("dtype")
+        self.train_tokens = _load_stream(p, "train.npy", self.meta.get("n_train_tokens"), dtype)
+        self.val_tokens = _load_stream(p, "val.npy", self.meta.get("n_val_tokens"), dtype)
         self.vocab_size: int = self.meta["vocab_size"]
         self.eos_id: int = self.meta["eos_id"]
+        self.pad_id: int = self.meta.get("pad_id", self.eos_id)
         self.fingerprint: str = self.meta["fingerprint"]
         self.corpus_name: str = self.meta["corpus_name"]
         self.spec: str = self.meta["spec"]
@@ -123,112 +149,122 @@ def _atomic_save(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def prepare(
+def _root(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def _tokenizer(tokenizer, eos_token, vocab_size) -> TokenizerSpec | None:
+    if isinstance(tokenizer, TokenizerSpec):
+        return tokenizer
+    if tokenizer is None:
+        if eos_token is not None:
+            raise ValueError("--eos-token names the EOS of a user's tokenizer (--tokenizer); the "
+                             "own BPE's is <|endoftext|>")
+        return None
+    return load_tokenizer_spec(tokenizer, eos_token=eos_token, vocab_size=vocab_size)
+
+
+def prepare_entry(
     spec: str,
     vocab_size: int,
     *,
     cache_dir: str | Path | None = None,
     val_fraction: float = 0.05,
     progress: bool = True,
-) -> PreparedData:
-    """Resolve, split, train a tokenizer on and tokenize a corpus; cached on disk.
+    tokenizer: str | Path | TokenizerSpec | None = None,
+    eos_token: str | None = None,
+    workers: int | None = None,
+    rescan: bool = False,
+) -> tuple[PreparedData, bool]:
+    """:func:`prepare`, also saying whether the entry was built by this call."""
+    if not 257 <= vocab_size <= 2**32:
+        raise ValueError(f"vocab_size must be in [257, 2**32] (256 bytes + eos), got {vocab_size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
+    tok = _tokenizer(tokenizer, eos_token, vocab_size)
+    root = _root(cache_dir)
+    listing = list_corpus(spec)
+
+    def ready() -> Path | None:
+        fp = known_fingerprint(root, listing, rescan=rescan)
+        if fp is None:
+            return None
+        entry = root / entry_name(listing.name, entry_settings(fp, vocab_size, val_fraction, tok))
+        return entry if (entry / "meta.json").exists() else None
+
+    entry = ready()
+    if entry is not None:
+        return PreparedData(entry), False
+    with file_lock(root / f".{safe_name(listing.name)}-{listing.idkey}.lock"):
+        entry = None if rescan else ready()  # another process may have built it meanwhile
+        built = False
+        if entry is None:
+            entry, built = Build(listing, root, vocab_size=vocab_size, val_fraction=val_fraction,
+                                 tokenizer=tok, workers=workers, progress=progress,
+                                 rescan=rescan).run()
+    return PreparedData(entry), built
+
+
+def prepare(spec: str, vocab_size: int, **kwargs) -> PreparedData:
+    """Resolve, split, tokenize a corpus (training its tokenizer, or with the user's); cached.
+
+    The first call on a corpus scans and tokenizes it in ``workers`` processes (``build.py``); later
+    calls find the entry by a stat of the corpus files against its manifest.
 
     Args:
       spec: corpus spec for :func:`resolve_corpus` (``"pystdlib"``, ``"pysrc"``,
         ``"pywheels-v1"`` or a path).
-      vocab_size: exact BPE vocabulary size V (>= 257: 256 bytes + ``<|endoftext|>``).
+      vocab_size: the vocabulary size V (the own BPE's is exactly V, >= 257: 256 bytes + eos; a
+        user's tokenizer must have V ids).
       cache_dir: cache root; default :func:`default_cache_dir`.
       val_fraction: expected share of documents held out for validation, in (0, 1).
-      progress: show tqdm progress on stderr while building.
+      progress: show what happens and tqdm bars (with an ETA) on stderr while building.
+      tokenizer: a user's ``tokenizer.json`` or Hugging Face tokenizer folder (None: own BPE).
+      eos_token: the user's tokenizer's end-of-document token, when its config names none.
+      workers: processes that scan and tokenize (default: the CPUs this process may use).
+      rescan: read a corpus whose files no longer match its manifest again (unchanged contents
+        keep their entry; changed ones get a new entry, the old one is left).
 
     Returns:
       The prepared data, its token streams memmapped from the cache.
 
     Raises:
+      CorpusChanged: the corpus files differ from the manifest of its preparation (no rescan).
+      EntryError: the cache entry (or an unfinished build's shard) is damaged.
+      TokenizerError: the tokenizer does not load, or disagrees with ``vocab_size``.
       ValueError: bad arguments, fewer than two documents, or a corpus too small for V.
+      FileNotFoundError: no such corpus.
     """
-    if not 257 <= vocab_size <= 2**32:
-        raise ValueError(f"vocab_size must be in [257, 2**32] (256 bytes + eos), got {vocab_size}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    corpus = resolve_corpus(spec)
-    settings = {
-        "format": FORMAT_VERSION,
-        "fingerprint": corpus.fingerprint,
-        "vocab_size": int(vocab_size),
-        "val_fraction": float(val_fraction),
-        "bpe_sample_chars": BPE_SAMPLE_CHARS,
-        "tokenizer": f"bytelevel-bpe/{shards.EOS_TOKEN}",
-    }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    entry = root / f"{re.sub(r'[^A-Za-z0-9_-]+', '_', corpus.name)}-v{vocab_size}-{key}"
-    if not (entry / "meta.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with open(root / f".{entry.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            if not (entry / "meta.json").exists():
-                _build_entry(corpus, settings, entry, progress)
-    return PreparedData(entry)
+    return prepare_entry(spec, vocab_size, **kwargs)[0]
 
 
-def _build_entry(corpus: Corpus, settings: dict, entry: Path, progress: bool) -> None:
-    """Build one cache entry in a temp dir, then move it into place atomically."""
-    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        t0 = time.time()
-        meta = shards.build_shards(corpus, settings, tmp, progress)
-        meta["build_seconds"] = round(time.time() - t0, 2)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        if entry.exists():  # a stale, incomplete entry from an interrupted older build
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def check_corpus(spec: str, *, cache_dir: str | Path | None = None) -> Listing:
+    """A corpus checked before any work, without reading it when it was prepared here: it exists,
+    and its files match the manifest of its preparation; else it holds a document.
 
-
-def make_hash_fn(
-    engram_cfg: EngramConfig | None, data: PreparedData | None, vocab_size: int
-) -> Callable[[np.ndarray], dict[int, np.ndarray]]:
-    """The host-side hash function of a model's Engram layers: raw token ids -> hash ids.
-
-    Args:
-      engram_cfg: the model's ``EngramConfig`` (None: no Engram, the function returns ``{}``).
-      data: the prepared data whose tokenizer defines the compression (None: identity).
-      vocab_size: the model's vocabulary size V.
-
-    Returns:
-      fn(ids int [B, T]) -> {layer_id: int32 [B, T, G]}, G = (max_ngram - 1) * heads_per_ngram.
+    Raises:
+      FileNotFoundError, CorpusError, CorpusChanged, ValueError (an empty corpus).
     """
-    if engram_cfg is None:
-        return lambda ids_BxT: {}
-    if data is not None and data.vocab_size != vocab_size:
-        raise ValueError(f"vocab_size {vocab_size} differs from the data's {data.vocab_size}")
-    if data is None or not engram_cfg.compress:
-        lookup, v_compressed = identity_compression(vocab_size)
-    else:
-        lookup, v_compressed = data.compression(True)
-    eos_id = data.eos_id if data is not None else shards.EOS_ID
-    hasher = NgramHasher(
-        vocab_size=v_compressed,
-        table_sizes=engram_cfg.table_sizes,
-        max_ngram=engram_cfg.max_ngram,
-        heads_per_ngram=engram_cfg.heads_per_ngram,
-        layer_ids=engram_cfg.layer_ids,
-        pad_id=int(lookup[eos_id]),
-        seed=engram_cfg.seed,
-    )
-    top = max(p for per_order in hasher.primes.values() for heads in per_order for p in heads)
-    assert top < 2**31, f"hash table prime {top} does not fit int32"
-
-    def hash_fn(ids_BxT: np.ndarray) -> dict[int, np.ndarray]:
-        hashed = hasher(compress(lookup, ids_BxT))
-        return {lid: h_BxTxG.astype(np.int32) for lid, h_BxTxG in hashed.items()}
-
-    return hash_fn
+    listing = list_corpus(spec)
+    if known_fingerprint(_root(cache_dir), listing) is None and spec not in ("pystdlib", "pysrc"):
+        resolve_corpus(spec)  # reads up to the first document
+    return listing
 
 
-def epochs(n_tokens_seen: int, data: PreparedData) -> float:
-    """Passes over the training split: tokens seen / train tokens."""
-    return n_tokens_seen / data.n_train_tokens
+def corpus_fingerprint(spec: str, *, cache_dir: str | Path | None = None) -> str:
+    """The fingerprint of a corpus: from its manifest after a stat of its files, or (never
+    prepared here) read and hashed once, its manifest then written.
+
+    Raises:
+      CorpusChanged: the files no longer match the manifest of its preparation.
+    """
+    root = _root(cache_dir)
+    listing = list_corpus(spec)
+    fp = known_fingerprint(root, listing)
+    if fp is not None:
+        return fp
+    hashes = resolve_corpus(spec, check_empty=False).content_hashes()
+    return write_manifest(root, listing, merge_rows(listing.stamps, hashes))["fingerprint"]

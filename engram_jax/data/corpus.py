@@ -35,15 +35,23 @@ Document keys are stable strings (``stdlib/json/decoder.py``, ``shard0.jsonl:17`
 ``wheels/sympy/sympy/core/basic.py``); the train/val split hashes them. The fingerprint is a
 SHA-256 over the sorted (file key, size, content SHA-256) of the files (wheel members) that
 contribute documents, so it changes whenever the corpus does.
+
+Two views of a corpus: :func:`list_corpus` only walks and stats (what a trial compares with the
+manifest of a prepared corpus, ``manifest.py``), :func:`resolve_corpus` gives the documents. A
+path corpus resolves lazily (its files are hashed while they are read, ``iter_file``); the
+built-in Python corpora are hashed when resolved, since deduplication needs the hashes.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import gzip
 import hashlib
+import io
 import itertools
 import json
+import os
 import site
 import sys
 import sysconfig
@@ -63,11 +71,14 @@ _warned_pysrc = False
 _SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
 _STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
+Stamp = tuple[str, int, int]  # (key, size in bytes, modification time in ns) of one file
+
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:
-    """One file of a corpus: its key, location, reader kind, size and content hash (for a wheel
-    member: the wheel's path and the member's name, size and hash)."""
+    """One file of a corpus: its key, location, reader kind, size and content hash ("" until it
+    is read, for a path corpus), and modification time (for a wheel member: the wheel's path and
+    the member's name, size and hash)."""
 
     key: str
     path: Path
@@ -75,43 +86,97 @@ class SourceFile:
     size: int
     sha256: str
     member: str = ""
+    mtime_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a stat of a corpus gives, without reading it.
+
+    Attributes:
+      name, spec: as for :class:`Corpus`.
+      identity: where the corpus lives (a built-in name and its roots, or an absolute path); the
+        cache finds a corpus's manifest by it.
+      stamps: (key, size, mtime_ns) of every file a change would show in, sorted by key.
+      fingerprint: known without reading for a pinned corpus (the wheel corpora), else None.
+    """
+
+    name: str
+    spec: str
+    identity: dict
+    stamps: tuple[Stamp, ...]
+    fingerprint: str | None = None
+
+    @property
+    def idkey(self) -> str:
+        """A short hash of the identity."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(s[1] for s in self.stamps)
+
+
+def fingerprint_of(rows) -> str:
+    """SHA-256 hex over (key, size, content hash) rows, sorted by key."""
+    h = hashlib.sha256()
+    for key, size, sha in sorted(rows):
+        h.update(f"{key}\0{size}\0{sha}\n".encode())
+    return h.hexdigest()
 
 
 class Corpus:
-    """A named, fingerprinted collection of text documents.
+    """A named collection of text documents.
 
     Args:
       name: short name (used in cache folder names and records).
       spec: what the user passed to :func:`resolve_corpus`.
-      files: the contributing files, sorted by key.
+      files: the files to read, sorted by key (for a path corpus: every file found, hashed and
+        checked for text only when read).
+      listing: the corpus's :class:`Listing` (default: from the files).
     """
 
-    def __init__(self, name: str, spec: str, files: list[SourceFile]):
+    def __init__(self, name: str, spec: str, files: list[SourceFile],
+                 listing: Listing | None = None):
         self.name = name
         self.spec = spec
         self.files = sorted(files, key=lambda f: f.key)
+        self.listing = listing or Listing(
+            name, spec, {"spec": spec}, tuple((f.key, f.size, f.mtime_ns) for f in self.files))
+
+    @property
+    def hashed(self) -> bool:
+        """Whether every file's content hash is known (else reading computes them)."""
+        return all(f.sha256 for f in self.files)
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """SHA-256 hex over the sorted (key, size, content hash) of the corpus files."""
-        h = hashlib.sha256()
+        """SHA-256 hex over the sorted (key, size, content hash) of the files with documents
+        (reads and hashes every file of a path corpus once; ``prepare`` does it while scanning)."""
+        return fingerprint_of((k, size, sha) for k, (size, sha) in self.content_hashes().items())
+
+    def content_hashes(self) -> dict[str, tuple[int, str]]:
+        """key -> (size, content SHA-256) of the files with documents (reads a path corpus)."""
+        out = {}
         for f in self.files:
-            h.update(f"{f.key}\0{f.size}\0{f.sha256}\n".encode())
-        return h.hexdigest()
+            if f.sha256:
+                out[f.key] = (f.size, f.sha256)
+                continue
+            sink: dict = {}
+            for _ in iter_file(f, sink):
+                pass
+            if sink["usable"]:
+                out[f.key] = (sink["size"], sink["sha256"])
+        return out
 
     def documents(self) -> Iterator[tuple[str, str]]:
         """Yield (doc key, text) in a deterministic order (files by key, then position)."""
-        for wheel, run in itertools.groupby(self.files, key=lambda f: f.kind == "wheel"):
-            if wheel:
-                yield from corpus_wheels.read_members(list(run))
-            else:
-                for f in run:
-                    yield from _READERS[f.kind](f)
+        yield from iter_files(self.files)
 
     @functools.cached_property
     def n_docs(self) -> int:
-        """Number of documents (parses record files once)."""
-        if all(f.kind in ("text", "wheel") for f in self.files):
+        """Number of documents (reads the files of a path corpus once)."""
+        if self.hashed and all(f.kind in ("text", "wheel") for f in self.files):
             return len(self.files)
         return sum(1 for _ in self.documents())
 
@@ -121,12 +186,12 @@ class Corpus:
         return sum(f.size for f in self.files)
 
     def __repr__(self) -> str:
-        fp = self.fingerprint[:12]
+        fp = self.fingerprint[:12] if self.hashed else "unread"
         return f"Corpus({self.name!r}, files={len(self.files)}, fingerprint={fp})"
 
 
 # ---------------------------------------------------------------------------------------------
-# readers
+# readers: each yields a file's documents and reports its content hash and whether it holds text
 
 
 def _decode_text(data: bytes) -> str | None:
@@ -140,30 +205,59 @@ def _decode_text(data: bytes) -> str | None:
     return text if text.strip() else None
 
 
-def _read_text(f: SourceFile) -> Iterator[tuple[str, str]]:
-    text = _decode_text(f.path.read_bytes())
+class _HashingReader(io.RawIOBase):
+    """A binary file that hashes every byte read from it."""
+
+    def __init__(self, fh):
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.fh.readinto(b)
+        if n:
+            self.sha.update(memoryview(b)[:n])
+        return n
+
+    def drain(self) -> str:
+        """Hash what was not read (a reader may stop early) and return the hex digest."""
+        for block in iter(lambda: self.fh.read(1 << 20), b""):
+            self.sha.update(block)
+        return self.sha.hexdigest()
+
+
+def _read_text(f: SourceFile, sink: dict) -> Iterator[tuple[str, str]]:
+    data = f.path.read_bytes()
+    text = _decode_text(data)
+    sink.update(sha256=hashlib.sha256(data).hexdigest(), usable=text is not None, size=len(data))
     if text is not None:
         yield f.key, text
 
 
-def _read_jsonl(f: SourceFile) -> Iterator[tuple[str, str]]:
-    opener = gzip.open if f.path.name.endswith(".gz") else open
-    with opener(f.path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f.path}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise ValueError(f'{f.path}:{lineno}: a JSONL corpus needs a "text" field per line')
-            text = record["text"]
-            if isinstance(text, str) and text.strip():
-                yield f"{f.key}:{lineno}", text
+def _read_jsonl(f: SourceFile, sink: dict) -> Iterator[tuple[str, str]]:
+    with open(f.path, "rb") as raw:
+        hr = _HashingReader(raw)
+        buf = io.BufferedReader(hr, 1 << 20)
+        binary = gzip.GzipFile(fileobj=buf, mode="rb") if f.path.name.endswith(".gz") else buf
+        with io.TextIOWrapper(binary, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f.path}:{lineno}: invalid JSON ({e})") from None
+                if not isinstance(record, dict) or "text" not in record:
+                    raise ValueError(
+                        f'{f.path}:{lineno}: a JSONL corpus needs a "text" field per line')
+                text = record["text"]
+                if isinstance(text, str) and text.strip():
+                    yield f"{f.key}:{lineno}", text
+            sink.update(sha256=hr.drain(), usable=True, size=raw.tell())
 
 
-def _read_parquet(f: SourceFile) -> Iterator[tuple[str, str]]:
+def _read_parquet(f: SourceFile, sink: dict) -> Iterator[tuple[str, str]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f.path)
@@ -177,9 +271,33 @@ def _read_parquet(f: SourceFile) -> Iterator[tuple[str, str]]:
             if isinstance(text, str) and text.strip():
                 yield f"{f.key}:{row}", text
             row += 1
+    sink.update(sha256=corpus_wheels._sha256_file(f.path), usable=True,
+                size=f.path.stat().st_size)
 
 
 _READERS = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}
+
+
+def iter_file(f: SourceFile, sink: dict) -> Iterator[tuple[str, str]]:
+    """The documents of one (non-wheel) file; once exhausted, ``sink`` holds its ``sha256``,
+    ``usable`` (whether it counts in the fingerprint) and ``size`` as read."""
+    return _READERS[f.kind](f, sink)
+
+
+def iter_files(files: list[SourceFile], sinks: list[dict] | None = None
+               ) -> Iterator[tuple[str, str]]:
+    """The documents of files in order (wheel members read with their wheel opened once); the
+    i-th sink gets the i-th file's hash as in :func:`iter_file`."""
+    sinks = sinks if sinks is not None else [{} for _ in files]
+    i = 0
+    for wheel, run in itertools.groupby(files, key=lambda f: f.kind == "wheel"):
+        run = list(run)
+        if wheel:
+            yield from corpus_wheels.read_members(run, sinks[i : i + len(run)])
+        else:
+            for f, sink in zip(run, sinks[i : i + len(run)]):
+                yield from iter_file(f, sink)
+        i += len(run)
 
 
 def _kind(path: Path) -> str:
@@ -191,13 +309,20 @@ def _kind(path: Path) -> str:
     return "text"
 
 
+def _stat_source(key: str, path: Path, kind: str | None = None) -> SourceFile:
+    st = path.stat()
+    return SourceFile(key, path, kind or _kind(path), st.st_size, "", mtime_ns=st.st_mtime_ns)
+
+
 def _source(key: str, path: Path, kind: str | None = None) -> SourceFile | None:
     """Hash one file; None for a text file that holds no usable text."""
+    st = path.stat()
     data = path.read_bytes()
     kind = kind or _kind(path)
     if kind == "text" and _decode_text(data) is None:
         return None
-    return SourceFile(key, path, kind, len(data), hashlib.sha256(data).hexdigest())
+    return SourceFile(key, path, kind, len(data), hashlib.sha256(data).hexdigest(),
+                      mtime_ns=st.st_mtime_ns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,15 +330,18 @@ def _source(key: str, path: Path, kind: str | None = None) -> SourceFile | None:
 
 
 def _walk(root: Path, pattern: str = "*", skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
-    """Regular files under root matching pattern, sorted, skipping hidden and excluded dirs."""
+    """Regular files under root matching pattern, sorted, skipping hidden and excluded dirs (not
+    entered at all: the standard library holds a site-packages folder)."""
+    skip = _SKIP_DIRS | skip_dirs
     out = []
-    for p in root.rglob(pattern):
-        rel = p.relative_to(root).parts
-        if any(part.startswith(".") or part in _SKIP_DIRS | skip_dirs for part in rel[:-1]):
-            continue
-        if rel[-1].startswith(".") or not p.is_file():
-            continue
-        out.append(p)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip]
+        for name in filenames:
+            if name.startswith(".") or not fnmatch.fnmatchcase(name, pattern):
+                continue
+            p = Path(dirpath) / name
+            if p.is_file():
+                out.append(p)
     return sorted(out)
 
 
@@ -231,38 +359,90 @@ def _site_dirs() -> list[Path]:
     return out
 
 
-def _python_sources(include_site_packages: bool) -> list[SourceFile]:
+def _python_roots(include_site_packages: bool) -> list[tuple[str, Path, frozenset[str]]]:
     roots = [("stdlib", _stdlib_dir(), _STDLIB_TEST_DIRS)]
     if include_site_packages:
         for i, d in enumerate(_site_dirs()):
             roots.append(("site-packages" if i == 0 else f"site-packages-{i}", d, frozenset()))
+    return roots
+
+
+def _python_candidates(include_site_packages: bool) -> list[tuple[str, Path]]:
+    return [(f"{prefix}/{p.relative_to(root).as_posix()}", p)
+            for prefix, root, skip in _python_roots(include_site_packages)
+            for p in _walk(root, "*.py", skip)]
+
+
+def _python_sources(candidates: list[tuple[str, Path]]) -> list[SourceFile]:
+    """Hash the candidates; keep the text files, the first of each content in key order."""
     files, seen = [], set()
-    for prefix, root, skip in roots:
-        for p in _walk(root, "*.py", skip):
-            src = _source(f"{prefix}/{p.relative_to(root).as_posix()}", p, "text")
-            if src is not None and src.sha256 not in seen:
-                seen.add(src.sha256)
-                files.append(src)
+    for key, p in candidates:
+        src = _source(key, p, "text")
+        if src is not None and src.sha256 not in seen:
+            seen.add(src.sha256)
+            files.append(src)
     return files
 
 
-def _path_sources(path: Path) -> list[SourceFile]:
+def _path_files(path: Path) -> list[SourceFile]:
     if path.is_file():
-        pairs = [(path.name, path)]
-    else:
-        pairs = [(p.relative_to(path).as_posix(), p) for p in _walk(path)]
-    return [s for key, p in pairs if (s := _source(key, p)) is not None]
+        return [_stat_source(path.name, path)]
+    return [_stat_source(p.relative_to(path).as_posix(), p) for p in _walk(path)]
 
 
-def resolve_corpus(spec: str) -> Corpus:
+def _python_identity(spec: str) -> dict:
+    roots = _python_roots(spec == "pysrc")
+    return {"builtin": spec, "roots": [str(r) for _, r, _ in roots],
+            "python": sys.version.split()[0]}
+
+
+def _stamp(p: Path, key: str) -> Stamp:
+    st = p.stat()
+    return (key, st.st_size, st.st_mtime_ns)
+
+
+def _missing(spec: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"corpus {spec!r} not found: expected one of {BUILTIN_CORPORA} or an existing "
+        "directory / .txt / .jsonl[.gz] / .parquet path")
+
+
+def list_corpus(spec: str) -> Listing:
+    """Walk and stat a corpus without reading it (a wheel corpus: its wheels, fetched if missing).
+
+    Raises:
+      FileNotFoundError: the spec is neither a built-in name nor an existing path.
+      CorpusError: a wheel of a wheel corpus is missing and cannot be downloaded.
+    """
+    spec = str(spec)
+    if spec in WHEEL_CORPORA:
+        return resolve_corpus(spec).listing
+    if spec in BUILTIN_CORPORA:
+        stamps = tuple(sorted(_stamp(p, k) for k, p in _python_candidates(spec == "pysrc")))
+        return Listing(spec, spec, _python_identity(spec), stamps)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise _missing(spec)
+    files = _path_files(path.resolve())
+    return Listing(_path_name(path), spec, {"path": str(path.resolve())},
+                   tuple((f.key, f.size, f.mtime_ns) for f in sorted(files, key=lambda f: f.key)))
+
+
+def _path_name(path: Path) -> str:
+    return path.resolve().name.split(".")[0] or "corpus"
+
+
+def resolve_corpus(spec: str, *, check_empty: bool = True) -> Corpus:
     """Turn a corpus spec into a :class:`Corpus`.
 
     Args:
       spec: ``"pystdlib"``, ``"pysrc"``, ``"pywheels-v1"``, or a path to a directory / text,
         JSONL or Parquet file.
+      check_empty: read up to the first document to check there is one.
 
     Returns:
-      The corpus, checked to hold at least one document.
+      The corpus: a path corpus lists its files without reading them (they are read, hashed and
+      checked for text when its documents are); a built-in one is hashed.
 
     Raises:
       FileNotFoundError: the spec is neither a built-in name nor an existing path.
@@ -275,21 +455,24 @@ def resolve_corpus(spec: str) -> Corpus:
     if spec in WHEEL_CORPORA:
         return resolve_wheel_corpus(corpus_wheels.MANIFEST_DIR / f"{spec}.json")
     if spec in BUILTIN_CORPORA:
-        name, files = spec, _python_sources(include_site_packages=spec == "pysrc")
+        candidates = _python_candidates(include_site_packages=spec == "pysrc")
+        files = _python_sources(candidates)
+        listing = Listing(spec, spec, _python_identity(spec),
+                          tuple(sorted(_stamp(p, k) for k, p in candidates)))
+        corpus = Corpus(spec, spec, files, listing)
         if spec == "pysrc" and not _warned_pysrc:
             _warned_pysrc = True
             print(PYSRC_WARNING, file=sys.stderr, flush=True)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise FileNotFoundError(
-                f"corpus {spec!r} not found: expected one of {BUILTIN_CORPORA} or an existing "
-                "directory / .txt / .jsonl[.gz] / .parquet path"
-            )
-        name = path.resolve().name.split(".")[0] or "corpus"
-        files = _path_sources(path.resolve())
-    corpus = Corpus(name, spec, files)
-    if next(corpus.documents(), None) is None:
+            raise _missing(spec)
+        files = _path_files(path.resolve())
+        listing = Listing(_path_name(path), spec, {"path": str(path.resolve())},
+                          tuple((f.key, f.size, f.mtime_ns)
+                                for f in sorted(files, key=lambda f: f.key)))
+        corpus = Corpus(listing.name, spec, files, listing)
+    if check_empty and next(corpus.documents(), None) is None:
         raise ValueError(
             f"corpus {spec!r} is empty: no UTF-8 text files or non-empty 'text' records found"
             + (f" (python {sys.version.split()[0]})" if spec in BUILTIN_CORPORA else "")
@@ -309,7 +492,12 @@ def resolve_wheel_corpus(manifest: str | Path, cache_dir: str | Path | None = No
       CorpusError: see :func:`resolve_corpus`.
     """
     m = corpus_wheels.load_manifest(manifest)
-    corpus = Corpus(m["name"], m["name"], corpus_wheels.resolve_members(m, cache_dir))
+    files = corpus_wheels.resolve_members(m, cache_dir)
+    wdir = corpus_wheels.wheel_dir(cache_dir)
+    stamps = tuple(sorted(_stamp(wdir / w["filename"], w["filename"]) for w in m["wheels"]))
+    identity = {"wheels": m["name"],
+                "pins": sorted(f"{w['filename']}:{w['sha256']}" for w in m["wheels"])}
+    corpus = Corpus(m["name"], m["name"], files)
     if not corpus.files:
         raise CorpusError(f"corpus {m['name']!r} is empty: its wheels hold no UTF-8 .py files")
     want = m.get("fingerprint")
@@ -318,4 +506,5 @@ def resolve_wheel_corpus(manifest: str | Path, cache_dir: str | Path | None = No
             f"corpus {m['name']!r} resolved to fingerprint {corpus.fingerprint}, its manifest "
             f"({manifest}) pins {want}"
         )
+    corpus.listing = Listing(m["name"], m["name"], identity, stamps, corpus.fingerprint)
     return corpus

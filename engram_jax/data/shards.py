@@ -1,160 +1,270 @@
-"""Token shards: the document split, BPE training and tokenization of one corpus.
+"""Token shards: the work of preparing a corpus, one unit of files at a time (run in workers).
 
 The middle of the data flow of docs/design.md section 2: "corpus files -> byte-level BPE tokenizer
 (HF ``tokenizers``, trained on the train split, cached) -> token shards on disk (memmapped
-uint16/uint32)". ``cache.py`` owns the cache (keys, locking, atomic moves); this module fills one
-entry directory: ``tokenizer.json``, ``train.npy`` and ``val.npy``.
+uint16/uint32)". ``build.py`` schedules the work over worker processes and owns the entry folder;
+this module holds what one worker does, all of it deterministic for a given unit:
 
-- The split is by document: a document goes to val when a hash of its key falls below
+- **Units.** The corpus files, sorted by key, cut into consecutive groups of about ``UNIT_BYTES``
+  (:func:`plan_units`): the same cut whatever the number of workers, so the output is too. A unit
+  is the grain of parallelism and of resumption; a single file is never split.
+- **The scan** (:func:`scan_unit`) reads a unit's documents once: content SHA-256 of each file,
+  document count and characters, the document split's statistics, and the unit's candidates for
+  the BPE sample.
+- **The split** is by document: a document goes to val when a hash of its key falls below
   ``val_fraction``, never by position inside a file, so adding documents moves no other document
   across the split. A tiny corpus still gets one val document (the smallest hash) and keeps at
-  least one train document.
-- The tokenizer is a byte-level BPE (ByteLevel pre-tokenizer and decoder, ``<|endoftext|>`` as
-  id 0) trained on the train split only: on a deterministic, hash-ordered subsample of at most
-  ``bpe_sample_chars`` characters of it when the split is larger (``pystdlib``'s ~11.5M train
-  characters are subsampled to 8M; its token count grows by under 1%, measured at V = 8192).
-- Each document is tokenized whole and followed by ``<|endoftext|>``; the streams concatenate the
-  documents of a split in corpus order.
+  least one train document (the largest).
+- **The BPE sample** is the train documents in order of a second hash of their key, taken until
+  ``bpe_sample_chars`` characters are reached. :class:`BpeSample` keeps only the documents that can
+  still be in it (a bounded heap; memory about the budget, never the corpus), and gives exactly
+  the selection of sorting every train document by that hash.
+- **Tokenization** (:func:`tokenize_unit`) encodes each document whole, follows it with the EOS
+  id, and writes the unit's train and val tokens to two raw files, then a marker with the counts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
+import heapq
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engram_jax.data.corpus import Corpus
+from engram_jax.data.corpus import SourceFile, iter_file, iter_files
+from engram_jax.data.manifest import CorpusChanged, atomic_write_text
 
-if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+UNIT_BYTES = 64 << 20
+ENCODE_BATCH_CHARS = 1_000_000
+_ORDINAL_BITS = 32  # a document's ordinal: unit index << 32 | position in the unit
 
-EOS_TOKEN = "<|endoftext|>"
-EOS_ID = 0
-_ENCODE_BATCH_CHARS = 1_000_000
+# Set in each worker process (``build.py``): a shared counter of bytes or characters done.
+_progress = None
 
 
-def _unit_hash(key: str, salt: str = "split") -> float:
+def unit_hash(key: str, salt: str = "split") -> float:
     """A stable pseudo-random number in [0, 1) from a document key."""
     digest = hashlib.sha256(f"{salt}\0{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_documents(corpus: Corpus, val_fraction: float) -> tuple[set[str], dict[str, int]]:
-    """Split a corpus by document, from a hash of each document key.
+def plan_units(files: list[SourceFile], unit_bytes: int = UNIT_BYTES) -> list[list[SourceFile]]:
+    """Consecutive files (in key order) grouped into units of at least ``unit_bytes`` (the last
+    one smaller); a function of the file list alone."""
+    units: list[list[SourceFile]] = []
+    cur: list[SourceFile] = []
+    n = 0
+    for f in files:
+        cur.append(f)
+        n += f.size
+        if n >= unit_bytes:
+            units.append(cur)
+            cur, n = [], 0
+    if cur:
+        units.append(cur)
+    return units
+
+
+def _advance(n: int) -> None:
+    if _progress is not None:
+        with _progress.get_lock():
+            _progress.value += n
+
+
+def _check_stat(files: list[SourceFile]) -> None:
+    """A file whose size or time differs from the listing changed after the preparation began."""
+    for f in files:
+        if f.kind == "wheel" or not f.mtime_ns:
+            continue
+        try:
+            st = os.stat(f.path)
+        except OSError as e:
+            raise CorpusChanged(f"corpus file {f.key} cannot be read any more ({e})") from None
+        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            raise CorpusChanged(f"corpus file {f.key} changed after the preparation began "
+                                "(its size or modification time): prepare again once the corpus "
+                                "is complete")
+
+
+def _unit_docs(files: list[SourceFile], sinks: list[dict] | None = None,
+               per_file_bytes: bool = False) -> Iterator[tuple[str, str]]:
+    """A unit's documents; with ``per_file_bytes`` the progress counter advances by each
+    non-wheel file's size once it is read."""
+    sinks = sinks if sinks is not None else [{} for _ in files]
+    if not per_file_bytes:
+        yield from iter_files(files, sinks)
+        return
+    wheel = [i for i, f in enumerate(files) if f.kind == "wheel"]
+    if wheel:
+        yield from iter_files(files, sinks)
+        _advance(sum(f.size for f in files))
+        return
+    for f, sink in zip(files, sinks):
+        yield from iter_file(f, sink)
+        _advance(f.size)
+
+
+class BpeSample:
+    """The train documents a BPE sample of ``budget`` characters can still hold.
+
+    The sample is the train documents sorted by ``unit_hash(key, "bpe")``, taken while fewer than
+    ``budget`` characters are taken (the last one may cross it). Documents are pushed in any
+    order; one is dropped as soon as the documents before it already reach the budget. Which
+    documents are train is known only at the end (a corpus without a val document moves its
+    smallest-split-hash document there), so while no val document has been seen the smallest one
+    is ``held``: its characters do not count towards dropping others.
+
+    Items are (bpe hash, ordinal, characters, key).
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._heap: list[tuple[float, int, int, str]] = []  # (-hash, -ordinal, chars, key)
+        self._chars: dict[int, int] = {}  # ordinal -> characters of the documents in the heap
+        self._total = 0
+        self.held: int | None = None  # ordinal of the document that may yet go to val
+
+    def push(self, item: tuple[float, int, int, str]) -> None:
+        u, ordinal, n, key = item
+        heapq.heappush(self._heap, (-u, -ordinal, n, key))
+        self._chars[ordinal] = n
+        self._total += n
+        self._trim()
+
+    def hold(self, ordinal: int | None) -> None:
+        """Hold this document (None: a val document exists, nothing is held)."""
+        self.held = ordinal
+        self._trim()
+
+    def _trim(self) -> None:
+        while self._heap:
+            _, neg_ord, n, _ = self._heap[0]
+            slack = 0
+            if self.held is not None and self.held != -neg_ord:
+                slack = self._chars.get(self.held, 0)
+            if self._total - n - slack < self.budget:
+                return
+            heapq.heappop(self._heap)
+            del self._chars[-neg_ord]
+            self._total -= n
+
+    def items(self) -> list[tuple[float, int, int, str]]:
+        return [(-u, -o, n, k) for u, o, n, k in self._heap]
+
+    def select(self, exclude: int | None = None) -> list[tuple[float, int, int, str]]:
+        """The sample, in bpe-hash order, without the document ``exclude`` (moved to val)."""
+        out, total = [], 0
+        for item in sorted(i for i in self.items() if i[1] != exclude):
+            if total >= self.budget:
+                break
+            out.append(item)
+            total += item[2]
+        return out
+
+
+def scan_unit(index: int, files: list[SourceFile], val_fraction: float,
+              bpe_budget: int | None) -> dict:
+    """Read one unit: file hashes, document statistics and BPE candidates.
 
     Returns:
-      (val doc keys, {doc key: number of characters} for every document).
-
-    Raises:
-      ValueError: fewer than two documents (no split can keep both sides non-empty).
+      ``{"index", "files": [[key, size, sha256 ("" if no documents)]], "n_docs", "n_val",
+      "n_chars", "min", "max" ([split hash, ordinal, key] of the extreme documents, or None),
+      "bpe": [[bpe hash, ordinal, chars, key]] (None without a budget)}``.
     """
-    sizes: dict[str, int] = {}
-    u: dict[str, float] = {}
-    for key, text in corpus.documents():
-        sizes[key], u[key] = len(text), _unit_hash(key)
-    if len(sizes) < 2:
-        raise ValueError(
-            f"corpus {corpus.spec!r} has {len(sizes)} document(s): need at least 2 to hold out a "
-            "validation document (the split is by document)"
-        )
-    val = {k for k, x in u.items() if x < val_fraction}
-    if not val:
-        val = {min(u, key=u.get)}
-    if len(val) == len(sizes):
-        val.discard(max(u, key=u.get))
-    return val, sizes
+    _check_stat(files)
+    sinks = [{} for _ in files]
+    n_docs = n_val = n_chars = 0
+    lo = hi = None
+    sample = BpeSample(bpe_budget) if bpe_budget else None
+    for j, (key, text) in enumerate(_unit_docs(files, sinks, per_file_bytes=True)):
+        u = unit_hash(key)
+        ordinal = (index << _ORDINAL_BITS) | j
+        n = len(text)
+        n_docs += 1
+        n_chars += n
+        new_low = lo is None or (u, ordinal) < (lo[0], lo[1])
+        if new_low:
+            lo = [u, ordinal, key]
+        if hi is None or u > hi[0]:
+            hi = [u, ordinal, key]
+        if u < val_fraction:
+            n_val += 1
+            if sample is not None and sample.held is not None:
+                sample.hold(None)
+        elif sample is not None:
+            if new_low and n_val == 0:  # the smallest split hash so far: it may yet go to val
+                sample.hold(ordinal)
+            sample.push((unit_hash(key, "bpe"), ordinal, n, key))
+    rows = [[f.key, s.get("size", f.size), s["sha256"] if s.get("usable") else ""]
+            for f, s in zip(files, sinks)]
+    return {"index": index, "files": rows, "n_docs": n_docs, "n_val": n_val, "n_chars": n_chars,
+            "min": lo, "max": hi,
+            "bpe": [list(i) for i in sample.items()] if sample is not None else None}
 
 
-def bpe_sample(train_sizes: dict[str, int], budget: int) -> set[str]:
-    """Train doc keys for BPE training: hash-ordered, up to ``budget`` characters."""
-    chosen, total = set(), 0
-    for k in sorted(train_sizes, key=lambda k: _unit_hash(k, "bpe")):
-        if total >= budget:
-            break
-        chosen.add(k)
-        total += train_sizes[k]
-    return chosen
+def unit_texts(files: list[SourceFile], keys: set[str]) -> Iterator[str]:
+    """The texts of the documents ``keys`` of a unit, in corpus order."""
+    for key, text in _unit_docs(files):
+        if key in keys:
+            yield text
 
 
-def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE with ``<|endoftext|>`` as id 0 (it may stop short of vocab_size)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    assert tok.token_to_id(EOS_TOKEN) == EOS_ID
-    # Text that happens to contain "<|endoftext|>" is ordinary text, not a document boundary.
-    tok.encode_special_tokens = True
-    return tok
+def shard_paths(out: Path, index: int) -> dict[str, Path]:
+    """The raw train/val token files and the completion marker of one unit."""
+    stem = f"{index:06d}"
+    return {"train": out / f"{stem}.train.bin", "val": out / f"{stem}.val.bin",
+            "done": out / f"{stem}.json"}
 
 
-def build_shards(corpus: Corpus, settings: dict, out: Path, progress: bool) -> dict:
-    """Split, train the tokenizer and write ``tokenizer.json``, ``train.npy``, ``val.npy`` to out.
+def tokenize_unit(index: int, files: list[SourceFile], tokenizer_path: str, split: dict,
+                  eos_id: int, dtype: str, out: str) -> dict:
+    """Tokenize one unit into ``out``: ``NNNNNN.train.bin``, ``NNNNNN.val.bin`` (raw tokens, each
+    document followed by ``eos_id``) and then the marker ``NNNNNN.json`` with the counts.
 
     Args:
-      corpus: the corpus.
-      settings: the cache-key settings (``vocab_size``, ``val_fraction``, ``bpe_sample_chars``...).
-      out: an empty directory.
-      progress: print a line and a tqdm bar to stderr.
+      split: ``{"val_fraction", "force_val", "force_train"}`` (keys of the documents the tiny-corpus
+        rule moves, or None).
 
     Returns:
-      The entry's metadata (settings plus document and token counts).
-
-    Raises:
-      ValueError: fewer than two documents, or BPE could not reach ``vocab_size``.
+      The marker: ``{"index", "train", "val" (tokens), "docs", "chars"}``.
     """
-    from tqdm.auto import tqdm
+    from tokenizers import Tokenizer
 
-    vocab_size = settings["vocab_size"]
-    val_keys, sizes = split_documents(corpus, settings["val_fraction"])
-    train_sizes = {k: n for k, n in sizes.items() if k not in val_keys}
-    bpe_keys = bpe_sample(train_sizes, settings["bpe_sample_chars"])
-    if progress:
-        print(f"[data] {corpus!r}: training BPE V={vocab_size} on {len(bpe_keys)} train docs",
-              file=sys.stderr)
-    tok = train_tokenizer((t for k, t in corpus.documents() if k in bpe_keys), vocab_size)
-    if tok.get_vocab_size() != vocab_size:
-        raise ValueError(
-            f"corpus {corpus.spec!r} is too small for vocab_size={vocab_size}: BPE stopped at "
-            f"{tok.get_vocab_size()} tokens; use a smaller vocab_size or a larger corpus"
-        )
-    tok.save(str(out / "tokenizer.json"))
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    bar = tqdm(total=sum(sizes.values()), unit="char", unit_scale=True, file=sys.stderr,
-               desc=f"tokenize {corpus.name}", disable=not progress)
-    with open(out / "train.bin", "wb") as ftrain, open(out / "val.bin", "wb") as fval:
-        for keys, texts in _chunks(corpus.documents(), _ENCODE_BATCH_CHARS):
-            for key, enc in zip(keys, tok.encode_batch(texts, add_special_tokens=False)):
-                ids = np.asarray(enc.ids + [EOS_ID], dtype=dtype)
-                (fval if key in val_keys else ftrain).write(ids.tobytes())
-            bar.update(sum(map(len, texts)))
-    bar.close()
-    counts = {s: _bin_to_npy(out / f"{s}.bin", out / f"{s}.npy", dtype) for s in ("train", "val")}
-    return {
-        **settings,
-        "spec": corpus.spec,
-        "corpus_name": corpus.name,
-        "eos_id": EOS_ID,
-        "dtype": np.dtype(dtype).name,
-        "n_docs_train": len(train_sizes),
-        "n_docs_val": len(val_keys),
-        "n_chars": sum(sizes.values()),
-        "bpe_docs": len(bpe_keys),
-        "n_train_tokens": counts["train"],
-        "n_val_tokens": counts["val"],
-    }
+    _check_stat(files)
+    tok = Tokenizer.from_file(tokenizer_path)
+    tok.encode_special_tokens = True  # not saved in tokenizer.json
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    np_dtype = np.dtype(dtype)
+    frac, force_val, force_train = split["val_fraction"], split["force_val"], split["force_train"]
+    paths = shard_paths(Path(out), index)
+    counts = {"index": index, "train": 0, "val": 0, "docs": 0, "chars": 0}
+    with open(paths["train"], "wb") as ftrain, open(paths["val"], "wb") as fval:
+        fh = {"train": ftrain, "val": fval}
+        for keys, texts in _chunks(_unit_docs(files), ENCODE_BATCH_CHARS):
+            parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+            for key, enc in zip(keys, encode(texts, add_special_tokens=False)):
+                is_val = (unit_hash(key) < frac or key == force_val) and key != force_train
+                ids = np.empty(len(enc.ids) + 1, dtype=np_dtype)
+                ids[:-1] = enc.ids
+                ids[-1] = eos_id
+                parts["val" if is_val else "train"].append(ids)
+            for s in ("train", "val"):
+                if parts[s]:
+                    arr = np.concatenate(parts[s])
+                    fh[s].write(arr.tobytes())
+                    counts[s] += len(arr)
+            n = sum(map(len, texts))
+            counts["docs"] += len(texts)
+            counts["chars"] += n
+            _advance(n)
+        for f in (ftrain, fval):
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write_text(paths["done"], json.dumps(counts))
+    return counts
 
 
 def _chunks(docs: Iterator[tuple[str, str]], max_chars: int):
@@ -171,16 +281,3 @@ def _chunks(docs: Iterator[tuple[str, str]], max_chars: int):
             keys, texts, n = [], [], 0
     if keys:
         yield keys, texts
-
-
-def _bin_to_npy(src: Path, dst: Path, dtype, chunk: int = 1 << 24) -> int:
-    """Copy a raw token file into a .npy file (streamed) and delete the raw file."""
-    n = src.stat().st_size // np.dtype(dtype).itemsize
-    raw = np.memmap(src, dtype=dtype, mode="r", shape=(n,))
-    arr = np.lib.format.open_memmap(dst, mode="w+", dtype=dtype, shape=(n,))
-    for i in range(0, n, chunk):
-        arr[i : i + chunk] = raw[i : i + chunk]
-    arr.flush()
-    del raw, arr
-    src.unlink()
-    return n

@@ -256,17 +256,23 @@ def resolve_members(manifest: dict, cache_dir: str | Path | None = None) -> list
             for key, fname, member, size, sha in index["members"]]
 
 
-def read_members(files: list[SourceFile]) -> Iterator[tuple[str, str]]:
-    """(key, text) of wheel members, each wheel opened once while its members are read."""
+def read_members(files: list[SourceFile], sinks: list[dict] | None = None
+                 ) -> Iterator[tuple[str, str]]:
+    """(key, text) of wheel members, each wheel opened once while its members are read; the i-th
+    sink (when given) gets the i-th member's ``sha256``, ``usable`` and ``size``."""
     from engram_jax.data.corpus import _decode_text
 
     with contextlib.ExitStack() as stack:
         zips: dict[Path, zipfile.ZipFile] = {}
-        for f in files:
+        for i, f in enumerate(files):
             z = zips.get(f.path)
             if z is None:
                 z = zips[f.path] = stack.enter_context(zipfile.ZipFile(f.path))
-            text = _decode_text(z.read(f.member))
+            data = z.read(f.member)
+            text = _decode_text(data)
+            if sinks is not None:
+                sinks[i].update(sha256=hashlib.sha256(data).hexdigest(), usable=text is not None,
+                                size=len(data))
             if text is not None:
                 yield f.key, text
 
