@@ -21,7 +21,7 @@ Callers import from here: ``from engram_jax.data import prepare, make_hash_fn, B
 """
 
 from engram_jax.data.batches import BatchIterator, eval_batches, window_starts
-from engram_jax.data.build import EntryError, default_workers
+from engram_jax.data.build import EntryError
 from engram_jax.data.cache import (
     PreparedData,
     check_corpus,
@@ -35,6 +35,7 @@ from engram_jax.data.hashids import epochs, make_hash_fn
 from engram_jax.data.manifest import CorpusChanged
 from engram_jax.data.tokenizer import TokenizerError, TokenizerSpec, load_tokenizer_spec
 from engram_jax.data.wheels import CorpusError
+from engram_jax.data.workers import default_workers
 
 __all__ = [
     "BUILTIN_CORPORA",

@@ -17,7 +17,7 @@ import json
 import sys
 
 from engram_jax.data.cache import default_cache_dir, prepare_entry
-from engram_jax.data.build import default_workers
+from engram_jax.data.workers import default_workers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"{default_cache_dir()})")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="expected share of documents held out for validation (default 0.05)")
+    p.add_argument("--unit-mb", type=float, default=None, metavar="MB",
+                   help="corpus megabytes per unit of work, the grain of parallelism and of "
+                        "resumption (default 64; the output does not depend on it)")
     p.add_argument("--rescan", action="store_true",
                    help="read a corpus whose files changed since it was prepared again (an "
                         "unchanged content keeps its entry; a changed one gets a new entry)")
@@ -55,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.workers is not None and a.workers < 1:
         print(f"error: --workers must be at least 1, got {a.workers}", file=sys.stderr)
         return 2
+    if a.unit_mb is not None and not a.unit_mb > 0:
+        print(f"error: --unit-mb must be positive, got {a.unit_mb}", file=sys.stderr)
+        return 2
     try:
         data, built = prepare_entry(
             a.corpus, a.vocab, cache_dir=a.cache_dir, val_fraction=a.val_fraction,
             progress=not a.quiet, tokenizer=a.tokenizer, eos_token=a.eos_token,
-            workers=a.workers, rescan=a.rescan)
+            workers=a.workers, rescan=a.rescan,
+            unit_bytes=int(a.unit_mb * 2**20) if a.unit_mb else None)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,9 +20,7 @@ are recorded; a unit in progress is redone) and the finished folder is moved int
 ``os.replace``. The output depends only on the corpus and the settings, never on the number of
 workers: units are fixed by the file list and appended in order.
 
-Workers are spawned processes (not forked: a trial has JAX's threads running), each limited to
-one core for the tokenizer (``RAYON_NUM_THREADS=1``, ``TOKENIZERS_PARALLELISM=false``); one
-worker runs in the calling process.
+The N workers are ``workers.py``'s: spawned processes, one core each.
 """
 
 from __future__ import annotations
@@ -30,19 +28,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
-import types
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from engram_jax.data import shards
-from engram_jax.data.corpus import Listing, fingerprint_of, resolve_corpus
+from engram_jax.data.corpus import Listing, resolve_corpus
 from engram_jax.data.manifest import (
     CorpusChanged,
     atomic_write_text,
@@ -53,22 +48,14 @@ from engram_jax.data.manifest import (
 )
 from engram_jax.data.tokenizer import EOS_ID, EOS_TOKEN, TokenizerSpec, train_bpe
 from engram_jax.data.wheels import CorpusError
+from engram_jax.data.workers import Workers, progress_bar
 
 FORMAT_VERSION = 1
 NPY_HEADER_BYTES = 128  # a 1-D array's .npy header (format 1.0, padded to 64-byte alignment)
-_POLL_S = 0.2
 
 
 class EntryError(ValueError):
     """A cache entry (or an unfinished build) whose files are missing, unreadable or short."""
-
-
-def default_workers() -> int:
-    """The CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def entry_settings(fingerprint: str, vocab_size: int, val_fraction: float,
@@ -108,132 +95,9 @@ def _read_json(path: Path) -> dict | None:
 def file_lock(path: Path):
     """An exclusive ``flock`` on ``path`` (released when the file closes, also if killed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    with open(path, "a") as fh:  # "a": taking the lock changes nothing on disk
         fcntl.flock(fh, fcntl.LOCK_EX)
         yield
-
-
-# ---------------------------------------------------------------------------------------------
-# workers
-
-
-class _Counter:
-    """The in-process stand-in for a shared ``multiprocessing.Value``."""
-
-    def __init__(self):
-        self.value = 0
-
-    def get_lock(self):
-        return contextlib.nullcontext()
-
-
-def _init_worker(counter) -> None:
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    shards._progress = counter
-
-
-class Workers:
-    """N worker processes (or the calling process, for one) with a shared progress counter.
-
-    ``run(fn, tasks, on_result, window)`` calls ``fn(*task)`` for each task and ``on_result``
-    with each result in the calling process as it arrives, with at most ``window(i)`` tasks
-    started ahead (a callable of the next task's position), updating a tqdm bar from the counter.
-    """
-
-    def __init__(self, n: int):
-        self.n = n
-        self.pool = None
-        if n == 1:
-            self.counter = _Counter()
-            return
-        ctx = mp.get_context("spawn")
-        self.counter = ctx.Value("q", 0)
-        saved = {k: os.environ.get(k) for k in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
-        main = sys.modules.get("__main__")
-        try:
-            os.environ.update(RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-            # The workers need nothing from __main__; re-importing a trial's main module
-            # (engram_jax.train) would load JAX into every one of them.
-            sys.modules["__main__"] = types.ModuleType("__main__")
-            self.pool = ctx.Pool(n, initializer=_init_worker, initargs=(self.counter,))
-        finally:
-            if main is not None:
-                sys.modules["__main__"] = main
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-    def run(self, fn: Callable, tasks: list[tuple], on_result: Callable[[dict], None],
-            bar=None, ahead: Callable[[int], bool] | None = None) -> None:
-        if self.pool is None:
-            prev = shards._progress
-            shards._progress = self.counter
-            try:
-                with _one_core():
-                    for t in tasks:
-                        on_result(fn(*t))
-                        _update(bar, self.counter)
-            finally:
-                shards._progress = prev
-            return
-        queue = list(tasks)
-        running = []
-        while queue or running:
-            while queue and len(running) < 2 * self.n and (ahead is None or ahead(queue[0][0])):
-                running.append(self.pool.apply_async(fn, queue.pop(0)))
-            if not running:  # nothing may start until an earlier result is taken
-                raise RuntimeError("worker window is empty")
-            running[0].wait(_POLL_S)
-            still = []
-            for r in running:
-                if r.ready():
-                    on_result(r.get())  # re-raises a worker's exception
-                else:
-                    still.append(r)
-            running = still
-            _update(bar, self.counter)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
-
-    def __enter__(self) -> Workers:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-@contextlib.contextmanager
-def _one_core():
-    """The tokenizer's batch encoding on one core in this process (it reads the variable at
-    each call)."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
-def _update(bar, counter) -> None:
-    if bar is not None:
-        bar.update(max(0, counter.value - bar.n))
-
-
-def _bar(total: int, desc: str, unit: str, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
-                dynamic_ncols=True, disable=not progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,16 +153,20 @@ class Build:
       workers: processes (1: this one).
       progress: print what happens and tqdm bars to stderr.
       rescan: start over an unfinished build whose corpus changed.
+      unit_bytes: the size of a unit of work (default ``shards.UNIT_BYTES``); a resumed build
+        keeps the one it began with. It changes nothing in the output.
     """
 
     def __init__(self, listing: Listing, root: Path, *, vocab_size: int, val_fraction: float,
-                 tokenizer: TokenizerSpec | None, workers: int, progress: bool, rescan: bool):
+                 tokenizer: TokenizerSpec | None, workers: int, progress: bool, rescan: bool,
+                 unit_bytes: int | None = None):
         self.listing, self.root = listing, Path(root)
         self.vocab_size, self.val_fraction, self.tok = vocab_size, val_fraction, tokenizer
         self.workers, self.progress, self.rescan = workers, progress, rescan
         base = entry_settings("", vocab_size, val_fraction, tokenizer)
         self.state = {"identity": listing.identity, "settings": base,
                       "stamps": stamp_digest(listing.stamps)}
+        self.unit_bytes = int(unit_bytes or shards.UNIT_BYTES)
         self.partial = self.root / (f".{safe_name(listing.name)}-v{vocab_size}-"
                                     f"{_key([listing.identity, base])}.partial")
         self.dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
@@ -316,7 +184,7 @@ class Build:
         if stamp_digest(corpus.listing.stamps) != self.state["stamps"]:
             raise CorpusChanged(f"corpus {self.listing.spec!r} changed while the preparation "
                                 "began (files added, removed or modified): run it again")
-        units = shards.plan_units(corpus.files)
+        units = shards.plan_units(corpus.files, self.unit_bytes)
         with Workers(self.workers if len(units) > 1 else 1) as pool:
             scan = _read_json(self.partial / "scan.json") or self._scan(corpus, units, pool)
             settings = entry_settings(scan["fingerprint"], self.vocab_size, self.val_fraction,
@@ -347,6 +215,8 @@ class Build:
 
     def _claim_partial(self) -> None:
         old = _read_json(self.partial / "state.json")
+        if old is not None and "unit_bytes" in old:  # a resumed build keeps its units
+            self.unit_bytes = old.pop("unit_bytes")
         if self.partial.exists() and old != self.state:
             if old is not None and not self.rescan:
                 raise CorpusChanged(
@@ -356,8 +226,10 @@ class Build:
             shutil.rmtree(self.partial)
         if self.partial.exists():
             self.log(f"resuming the unfinished preparation in {self.partial}")
-        self.partial.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.partial / "state.json", json.dumps(self.state))
+            return
+        self.partial.mkdir(parents=True)
+        atomic_write_text(self.partial / "state.json",
+                          json.dumps({**self.state, "unit_bytes": self.unit_bytes}))
 
     def _scan(self, corpus, units, pool: Workers) -> dict:
         from engram_jax.data.tokenizer import bpe_sample_chars
@@ -365,8 +237,8 @@ class Build:
         budget = bpe_sample_chars(self.vocab_size) if self.tok is None else None
         self.log(f"{corpus.name}: scanning {len(corpus.files):,} files "
                  f"({corpus.n_bytes / 1e6:,.1f} MB, {len(units)} units) with {pool.n} worker(s)")
-        merge = _ScanMerge(len(units), budget)
-        bar = _bar(corpus.n_bytes, f"scan {corpus.name}", "B", self.progress)
+        merge = shards.ScanMerge(len(units), budget)
+        bar = progress_bar(corpus.n_bytes, f"scan {corpus.name}", "B", self.progress)
         pool.run(shards.scan_unit, [(i, u, self.val_fraction, budget) for i, u in enumerate(units)],
                  merge.add, bar)
         bar.close()
@@ -404,16 +276,16 @@ class Build:
         out.mkdir(exist_ok=True)
         prog = _read_json(self.partial / "progress.json") or {"appended": 0, "train": 0,
                                                                "val": 0, "units": []}
-        streams = {s: _Stream(self.partial / f"{s}.npy", self.dtype, prog[s])
-                   for s in ("train", "val")}
-        for i in range(prog["appended"]):  # leftovers of a build killed right after appending
-            for p in shards.shard_paths(out, i).values():
-                p.unlink(missing_ok=True)
         done = {}
-        for i in range(prog["appended"], len(units)):
+        for i in range(prog["appended"], len(units)):  # checked before anything is written
             m = self._marker(out, i)
             if m is not None:
                 done[i] = m
+        for i in range(prog["appended"]):  # leftovers of a build killed right after appending
+            for p in shards.shard_paths(out, i).values():
+                p.unlink(missing_ok=True)
+        streams = {s: _Stream(self.partial / f"{s}.npy", self.dtype, prog[s])
+                   for s in ("train", "val")}
         todo = [i for i in range(prog["appended"], len(units)) if i not in done]
         if prog["appended"]:
             self.log(f"{prog['appended']} of {len(units)} units were tokenized before; "
@@ -442,7 +314,7 @@ class Build:
                   self.dtype.name, str(out)) for i in todo]
         chars_done = sum(m["chars"] for m in prog["units"]) + sum(m["chars"] for m in done.values())
         self.log(f"tokenizing {scan['n_chars']:,} characters with {pool.n} worker(s)")
-        bar = _bar(scan["n_chars"], f"tokenize {self.listing.name}", "char", self.progress)
+        bar = progress_bar(scan["n_chars"], f"tokenize {self.listing.name}", "char", self.progress)
         bar.update(chars_done)
         pool.counter.value = chars_done
         append_ready()
@@ -501,51 +373,3 @@ class Build:
             os.replace(self.partial, entry)
         self.log(f"prepared {entry}: {counts['train']:,} train and {counts['val']:,} val tokens "
                  f"in {meta['build_seconds']:.0f} s")
-
-
-class _ScanMerge:
-    """The scan's unit results, merged in any order into the corpus's statistics."""
-
-    def __init__(self, n_units: int, budget: int | None):
-        self.rows: list[list | None] = [None] * n_units
-        self.n_docs = self.n_val = self.n_chars = 0
-        self.lo = self.hi = None
-        self.sample = shards.BpeSample(budget) if budget else None
-
-    def add(self, r: dict) -> None:
-        self.rows[r["index"]] = r["files"]
-        self.n_docs += r["n_docs"]
-        self.n_val += r["n_val"]
-        self.n_chars += r["n_chars"]
-        if r["min"] is not None and (self.lo is None or r["min"][:2] < self.lo[:2]):
-            self.lo = r["min"]
-        if r["max"] is not None and (self.hi is None or (r["max"][0], -r["max"][1])
-                                     > (self.hi[0], -self.hi[1])):
-            self.hi = r["max"]
-        if self.sample is not None:
-            self.sample.hold(self.lo[1] if self.n_val == 0 and self.lo else None)
-            for item in r["bpe"]:
-                self.sample.push(tuple(item))
-
-    def result(self, spec: str) -> dict:
-        if self.n_docs == 0:
-            raise ValueError(f"corpus {spec!r} is empty: no UTF-8 text files or non-empty 'text' "
-                             "records found")
-        if self.n_docs < 2:
-            raise ValueError(
-                f"corpus {spec!r} has {self.n_docs} document(s): need at least 2 to hold out a "
-                "validation document (the split is by document)")
-        force_val = self.lo[2] if self.n_val == 0 else None
-        force_train = self.hi[2] if self.n_val == self.n_docs else None
-        n_docs_val = min(max(self.n_val, 1), self.n_docs - 1)
-        if self.sample is None:
-            bpe = []
-        elif force_train is not None:
-            bpe = [[self.hi[1], self.hi[2]]]
-        else:
-            exclude = self.lo[1] if force_val is not None else None
-            bpe = [[o, k] for _, o, _, k in self.sample.select(exclude)]
-        rows = [row for unit in self.rows for row in unit]
-        return {"fingerprint": fingerprint_of((k, s, h) for k, s, h in rows if h), "rows": rows,
-                "n_docs": self.n_docs, "n_docs_val": n_docs_val, "n_chars": self.n_chars,
-                "force_val": force_val, "force_train": force_train, "bpe_keys": sorted(bpe)}

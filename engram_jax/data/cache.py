@@ -29,7 +29,6 @@ import numpy as np
 from engram_jax.data.build import (
     Build,
     EntryError,
-    default_workers,
     entry_name,
     entry_settings,
     file_lock,
@@ -42,6 +41,7 @@ from engram_jax.data.manifest import (
     write_manifest,
 )
 from engram_jax.data.tokenizer import TokenizerSpec, load_tokenizer_spec
+from engram_jax.data.workers import default_workers
 from engram_jax.hashing import compression_table, identity_compression
 
 _COMPRESSION_FILE = "compression-v1.npy"
@@ -60,6 +60,8 @@ def _damaged(path: Path, what: str) -> EntryError:
 
 def _load_stream(entry: Path, name: str, n: int | None, dtype: str | None) -> np.memmap:
     path = entry / name
+    if path.exists() and path.stat().st_size == 0:
+        raise _damaged(entry, f"{name} is empty (0 bytes)")
     try:
         arr = np.load(path, mmap_mode="r")
     except FileNotFoundError:
@@ -175,6 +177,7 @@ def prepare_entry(
     eos_token: str | None = None,
     workers: int | None = None,
     rescan: bool = False,
+    unit_bytes: int | None = None,
 ) -> tuple[PreparedData, bool]:
     """:func:`prepare`, also saying whether the entry was built by this call."""
     if not 257 <= vocab_size <= 2**32:
@@ -204,7 +207,7 @@ def prepare_entry(
         if entry is None:
             entry, built = Build(listing, root, vocab_size=vocab_size, val_fraction=val_fraction,
                                  tokenizer=tok, workers=workers, progress=progress,
-                                 rescan=rescan).run()
+                                 rescan=rescan, unit_bytes=unit_bytes).run()
     return PreparedData(entry), built
 
 
@@ -227,6 +230,8 @@ def prepare(spec: str, vocab_size: int, **kwargs) -> PreparedData:
       workers: processes that scan and tokenize (default: the CPUs this process may use).
       rescan: read a corpus whose files no longer match its manifest again (unchanged contents
         keep their entry; changed ones get a new entry, the old one is left).
+      unit_bytes: bytes of corpus per unit of work (default 64 MiB): the grain of parallelism
+        and of resumption; the output does not depend on it.
 
     Returns:
       The prepared data, its token streams memmapped from the cache.

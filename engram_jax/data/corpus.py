@@ -46,10 +46,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import gzip
 import hashlib
-import io
-import itertools
 import json
 import os
 import site
@@ -60,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engram_jax.data import wheels as corpus_wheels
+from engram_jax.data.readers import SourceFile, _decode_text, iter_file, iter_files
 from engram_jax.data.wheels import CorpusError
 
 WHEEL_CORPORA = ("pywheels-v1",)
@@ -72,21 +70,6 @@ _SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
 _STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
 Stamp = tuple[str, int, int]  # (key, size in bytes, modification time in ns) of one file
-
-
-@dataclass(frozen=True, slots=True)
-class SourceFile:
-    """One file of a corpus: its key, location, reader kind, size and content hash ("" until it
-    is read, for a path corpus), and modification time (for a wheel member: the wheel's path and
-    the member's name, size and hash)."""
-
-    key: str
-    path: Path
-    kind: str  # "text" | "jsonl" | "parquet" | "wheel"
-    size: int
-    sha256: str
-    member: str = ""
-    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -188,116 +171,6 @@ class Corpus:
     def __repr__(self) -> str:
         fp = self.fingerprint[:12] if self.hashed else "unread"
         return f"Corpus({self.name!r}, files={len(self.files)}, fingerprint={fp})"
-
-
-# ---------------------------------------------------------------------------------------------
-# readers: each yields a file's documents and reports its content hash and whether it holds text
-
-
-def _decode_text(data: bytes) -> str | None:
-    """The text of a file, or None when it is binary, not UTF-8, or blank."""
-    if b"\0" in data:
-        return None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text if text.strip() else None
-
-
-class _HashingReader(io.RawIOBase):
-    """A binary file that hashes every byte read from it."""
-
-    def __init__(self, fh):
-        self.fh, self.sha = fh, hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = self.fh.readinto(b)
-        if n:
-            self.sha.update(memoryview(b)[:n])
-        return n
-
-    def drain(self) -> str:
-        """Hash what was not read (a reader may stop early) and return the hex digest."""
-        for block in iter(lambda: self.fh.read(1 << 20), b""):
-            self.sha.update(block)
-        return self.sha.hexdigest()
-
-
-def _read_text(f: SourceFile, sink: dict) -> Iterator[tuple[str, str]]:
-    data = f.path.read_bytes()
-    text = _decode_text(data)
-    sink.update(sha256=hashlib.sha256(data).hexdigest(), usable=text is not None, size=len(data))
-    if text is not None:
-        yield f.key, text
-
-
-def _read_jsonl(f: SourceFile, sink: dict) -> Iterator[tuple[str, str]]:
-    with open(f.path, "rb") as raw:
-        hr = _HashingReader(raw)
-        buf = io.BufferedReader(hr, 1 << 20)
-        binary = gzip.GzipFile(fileobj=buf, mode="rb") if f.path.name.endswith(".gz") else buf
-        with io.TextIOWrapper(binary, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{f.path}:{lineno}: invalid JSON ({e})") from None
-                if not isinstance(record, dict) or "text" not in record:
-                    raise ValueError(
-                        f'{f.path}:{lineno}: a JSONL corpus needs a "text" field per line')
-                text = record["text"]
-                if isinstance(text, str) and text.strip():
-                    yield f"{f.key}:{lineno}", text
-            sink.update(sha256=hr.drain(), usable=True, size=raw.tell())
-
-
-def _read_parquet(f: SourceFile, sink: dict) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(f.path)
-    if "text" not in pf.schema_arrow.names:
-        raise ValueError(
-            f'{f.path}: a Parquet corpus needs a "text" column, found {pf.schema_arrow.names}'
-        )
-    row = 0
-    for batch in pf.iter_batches(columns=["text"], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            if isinstance(text, str) and text.strip():
-                yield f"{f.key}:{row}", text
-            row += 1
-    sink.update(sha256=corpus_wheels._sha256_file(f.path), usable=True,
-                size=f.path.stat().st_size)
-
-
-_READERS = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}
-
-
-def iter_file(f: SourceFile, sink: dict) -> Iterator[tuple[str, str]]:
-    """The documents of one (non-wheel) file; once exhausted, ``sink`` holds its ``sha256``,
-    ``usable`` (whether it counts in the fingerprint) and ``size`` as read."""
-    return _READERS[f.kind](f, sink)
-
-
-def iter_files(files: list[SourceFile], sinks: list[dict] | None = None
-               ) -> Iterator[tuple[str, str]]:
-    """The documents of files in order (wheel members read with their wheel opened once); the
-    i-th sink gets the i-th file's hash as in :func:`iter_file`."""
-    sinks = sinks if sinks is not None else [{} for _ in files]
-    i = 0
-    for wheel, run in itertools.groupby(files, key=lambda f: f.kind == "wheel"):
-        run = list(run)
-        if wheel:
-            yield from corpus_wheels.read_members(run, sinks[i : i + len(run)])
-        else:
-            for f, sink in zip(run, sinks[i : i + len(run)]):
-                yield from iter_file(f, sink)
-        i += len(run)
 
 
 def _kind(path: Path) -> str:

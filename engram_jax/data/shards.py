@@ -7,7 +7,9 @@ this module holds what one worker does, all of it deterministic for a given unit
 
 - **Units.** The corpus files, sorted by key, cut into consecutive groups of about ``UNIT_BYTES``
   (:func:`plan_units`): the same cut whatever the number of workers, so the output is too. A unit
-  is the grain of parallelism and of resumption; a single file is never split.
+  is the grain of parallelism and of resumption. A Parquet file larger than a unit is split by
+  row groups (web corpora ship as a few files of gigabytes); other files are never split, so a
+  corpus held in one huge JSONL or text file is read by one worker.
 - **The scan** (:func:`scan_unit`) reads a unit's documents once: content SHA-256 of each file,
   document count and characters, the document split's statistics, and the unit's candidates for
   the BPE sample.
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_jax.data.corpus import SourceFile, iter_file, iter_files
+from engram_jax.data.corpus import SourceFile, fingerprint_of, iter_file, iter_files
 from engram_jax.data.manifest import CorpusChanged, atomic_write_text
 
 UNIT_BYTES = 64 << 20
@@ -51,13 +53,39 @@ def unit_hash(key: str, salt: str = "split") -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def plan_units(files: list[SourceFile], unit_bytes: int = UNIT_BYTES) -> list[list[SourceFile]]:
-    """Consecutive files (in key order) grouped into units of at least ``unit_bytes`` (the last
-    one smaller); a function of the file list alone."""
+def _parquet_parts(f: SourceFile, unit_bytes: int) -> list[SourceFile]:
+    """A large Parquet file as slices of whole row groups of at least ``unit_bytes`` each."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(f.path).metadata
+    parts, start, row, first_row, n = [], 0, 0, 0, 0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        n += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+        row += rg.num_rows
+        if n >= unit_bytes or g == md.num_row_groups - 1:
+            parts.append(dataclasses.replace(f, part=(start, g + 1, first_row, n)))
+            start, first_row, n = g + 1, row, 0
+    return parts or [f]
+
+
+def plan_units(files: list[SourceFile], unit_bytes: int | None = None) -> list[list[SourceFile]]:
+    """Consecutive files (in key order) grouped into units of at least ``unit_bytes`` (default
+    ``UNIT_BYTES``; the last one smaller), a large Parquet file cut into units of row groups; a
+    function of the files alone."""
+    unit_bytes = unit_bytes or UNIT_BYTES
     units: list[list[SourceFile]] = []
     cur: list[SourceFile] = []
     n = 0
     for f in files:
+        if f.kind == "parquet" and f.size > unit_bytes and f.part is None:
+            if cur:
+                units.append(cur)
+                cur, n = [], 0
+            units.extend([p] for p in _parquet_parts(f, unit_bytes))
+            continue
         cur.append(f)
         n += f.size
         if n >= unit_bytes:
@@ -104,7 +132,7 @@ def _unit_docs(files: list[SourceFile], sinks: list[dict] | None = None,
         return
     for f, sink in zip(files, sinks):
         yield from iter_file(f, sink)
-        _advance(f.size)
+        _advance(f.part[3] if f.part is not None else f.size)
 
 
 class BpeSample:
@@ -165,6 +193,42 @@ class BpeSample:
         return out
 
 
+class UnitStats:
+    """The statistics of a run of documents in corpus order: counts, the documents with the
+    smallest and largest split hash, and the BPE sample's candidates among the train ones."""
+
+    def __init__(self, index: int, val_fraction: float, bpe_budget: int | None):
+        self.index, self.val_fraction = index, val_fraction
+        self.n_docs = self.n_val = self.n_chars = 0
+        self.lo: list | None = None  # [split hash, ordinal, key]
+        self.hi: list | None = None
+        self.sample = BpeSample(bpe_budget) if bpe_budget else None
+
+    def add(self, key: str, n_chars: int) -> None:
+        u = unit_hash(key)
+        ordinal = (self.index << _ORDINAL_BITS) | self.n_docs
+        self.n_docs += 1
+        self.n_chars += n_chars
+        new_low = self.lo is None or (u, ordinal) < (self.lo[0], self.lo[1])
+        if new_low:
+            self.lo = [u, ordinal, key]
+        if self.hi is None or u > self.hi[0]:
+            self.hi = [u, ordinal, key]
+        if u < self.val_fraction:
+            self.n_val += 1
+            if self.sample is not None and self.sample.held is not None:
+                self.sample.hold(None)
+        elif self.sample is not None:
+            if new_low and self.n_val == 0:  # the smallest split hash so far: it may go to val
+                self.sample.hold(ordinal)
+            self.sample.push((unit_hash(key, "bpe"), ordinal, n_chars, key))
+
+    def result(self) -> dict:
+        return {"index": self.index, "n_docs": self.n_docs, "n_val": self.n_val,
+                "n_chars": self.n_chars, "min": self.lo, "max": self.hi,
+                "bpe": [list(i) for i in self.sample.items()] if self.sample is not None else None}
+
+
 def scan_unit(index: int, files: list[SourceFile], val_fraction: float,
               bpe_budget: int | None) -> dict:
     """Read one unit: file hashes, document statistics and BPE candidates.
@@ -176,33 +240,12 @@ def scan_unit(index: int, files: list[SourceFile], val_fraction: float,
     """
     _check_stat(files)
     sinks = [{} for _ in files]
-    n_docs = n_val = n_chars = 0
-    lo = hi = None
-    sample = BpeSample(bpe_budget) if bpe_budget else None
-    for j, (key, text) in enumerate(_unit_docs(files, sinks, per_file_bytes=True)):
-        u = unit_hash(key)
-        ordinal = (index << _ORDINAL_BITS) | j
-        n = len(text)
-        n_docs += 1
-        n_chars += n
-        new_low = lo is None or (u, ordinal) < (lo[0], lo[1])
-        if new_low:
-            lo = [u, ordinal, key]
-        if hi is None or u > hi[0]:
-            hi = [u, ordinal, key]
-        if u < val_fraction:
-            n_val += 1
-            if sample is not None and sample.held is not None:
-                sample.hold(None)
-        elif sample is not None:
-            if new_low and n_val == 0:  # the smallest split hash so far: it may yet go to val
-                sample.hold(ordinal)
-            sample.push((unit_hash(key, "bpe"), ordinal, n, key))
+    stats = UnitStats(index, val_fraction, bpe_budget)
+    for key, text in _unit_docs(files, sinks, per_file_bytes=True):
+        stats.add(key, len(text))
     rows = [[f.key, s.get("size", f.size), s["sha256"] if s.get("usable") else ""]
-            for f, s in zip(files, sinks)]
-    return {"index": index, "files": rows, "n_docs": n_docs, "n_val": n_val, "n_chars": n_chars,
-            "min": lo, "max": hi,
-            "bpe": [list(i) for i in sample.items()] if sample is not None else None}
+            for f, s in zip(files, sinks) if not s.get("skip")]
+    return {**stats.result(), "files": rows}
 
 
 def unit_texts(files: list[SourceFile], keys: set[str]) -> Iterator[str]:
@@ -281,3 +324,52 @@ def _chunks(docs: Iterator[tuple[str, str]], max_chars: int):
             keys, texts, n = [], [], 0
     if keys:
         yield keys, texts
+
+
+class ScanMerge:
+    """The scan's unit results (:func:`scan_unit`), merged in any order into the corpus's
+    statistics, split and BPE sample (:meth:`result`)."""
+
+    def __init__(self, n_units: int, budget: int | None):
+        self.rows: list[list | None] = [None] * n_units
+        self.n_docs = self.n_val = self.n_chars = 0
+        self.lo = self.hi = None
+        self.sample = BpeSample(budget) if budget else None
+
+    def add(self, r: dict) -> None:
+        self.rows[r["index"]] = r.get("files", [])
+        self.n_docs += r["n_docs"]
+        self.n_val += r["n_val"]
+        self.n_chars += r["n_chars"]
+        if r["min"] is not None and (self.lo is None or r["min"][:2] < self.lo[:2]):
+            self.lo = r["min"]
+        if r["max"] is not None and (self.hi is None or (r["max"][0], -r["max"][1])
+                                     > (self.hi[0], -self.hi[1])):
+            self.hi = r["max"]
+        if self.sample is not None:
+            self.sample.hold(self.lo[1] if self.n_val == 0 and self.lo else None)
+            for item in r["bpe"]:
+                self.sample.push(tuple(item))
+
+    def result(self, spec: str) -> dict:
+        if self.n_docs == 0:
+            raise ValueError(f"corpus {spec!r} is empty: no UTF-8 text files or non-empty 'text' "
+                             "records found")
+        if self.n_docs < 2:
+            raise ValueError(
+                f"corpus {spec!r} has {self.n_docs} document(s): need at least 2 to hold out a "
+                "validation document (the split is by document)")
+        force_val = self.lo[2] if self.n_val == 0 else None
+        force_train = self.hi[2] if self.n_val == self.n_docs else None
+        n_docs_val = min(max(self.n_val, 1), self.n_docs - 1)
+        if self.sample is None:
+            bpe = []
+        elif force_train is not None:
+            bpe = [[self.hi[1], self.hi[2]]]
+        else:
+            exclude = self.lo[1] if force_val is not None else None
+            bpe = [[o, k] for _, o, _, k in self.sample.select(exclude)]
+        rows = [row for unit in self.rows for row in unit]
+        return {"fingerprint": fingerprint_of((k, s, h) for k, s, h in rows if h), "rows": rows,
+                "n_docs": self.n_docs, "n_docs_val": n_docs_val, "n_chars": self.n_chars,
+                "force_val": force_val, "force_train": force_train, "bpe_keys": sorted(bpe)}

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engram_jax.data.corpus import SourceFile
+    from engram_jax.data.readers import SourceFile
 
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "corpora"
 INDEX_VERSION = 1
@@ -161,7 +161,7 @@ def _verify(w: dict, path: Path) -> None:
 
 def _wheel_members(project: str, path: Path) -> list[list]:
     """[key, member, size, sha256] of the usable ``.py`` members of one wheel."""
-    from engram_jax.data.corpus import _decode_text
+    from engram_jax.data.readers import _decode_text
 
     out, names = [], set()
     with zipfile.ZipFile(path) as z:
@@ -228,7 +228,7 @@ def resolve_members(manifest: dict, cache_dir: str | Path | None = None) -> list
     Raises:
       CorpusError: a wheel that cannot be downloaded or does not match the manifest.
     """
-    from engram_jax.data.corpus import SourceFile
+    from engram_jax.data.readers import SourceFile
 
     wdir = wheel_dir(cache_dir)
     index_path = _index_path(manifest, wdir)
@@ -260,7 +260,7 @@ def read_members(files: list[SourceFile], sinks: list[dict] | None = None
                  ) -> Iterator[tuple[str, str]]:
     """(key, text) of wheel members, each wheel opened once while its members are read; the i-th
     sink (when given) gets the i-th member's ``sha256``, ``usable`` and ``size``."""
-    from engram_jax.data.corpus import _decode_text
+    from engram_jax.data.readers import _decode_text
 
     with contextlib.ExitStack() as stack:
         zips: dict[Path, zipfile.ZipFile] = {}
