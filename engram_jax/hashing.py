@@ -196,6 +196,27 @@ def _normalizer():
     )
 
 
+def _continuation_prefix(tokenizer) -> str | None:
+    """The word-continuation prefix of a WordPiece decoder (``##``), else None."""
+    import json
+
+    def find(d):
+        if not isinstance(d, dict):
+            return None
+        if d.get("type") == "WordPiece":
+            return d.get("prefix", "##")
+        for sub in d.get("decoders") or []:
+            got = find(sub)
+            if got:
+                return got
+        return None
+
+    try:
+        return find(json.loads(tokenizer.to_str()).get("decoder"))
+    except (ValueError, AttributeError):
+        return None
+
+
 def compression_table(tokenizer) -> tuple[np.ndarray, int]:
     """Map each token id to a canonical (compressed) id, as the reference ``CompressedTokenizer``.
 
@@ -203,6 +224,12 @@ def compression_table(tokenizer) -> tuple[np.ndarray, int]:
     raw token string is the key, else the normalised text (NFKC, NFD, strip accents, lowercase,
     collapse whitespace, keep a lone space); an empty normalised text keeps the decoded text.
     Equal keys share an id, numbered in first-seen order.
+
+    Any ``tokenizers`` tokenizer works: for byte-level BPE the decoded text carries the word's
+    leading space (``Ġthe`` -> " the", stripped to "the"); a SentencePiece-style (Metaspace)
+    decoder drops a lone token's leading "▁" itself; a WordPiece decoder leaves the continuation
+    prefix (``##the``), which is removed here, so that a word-initial piece and the same text
+    inside a word share an id as they do for the other two.
 
     Args:
       tokenizer: a HF ``tokenizers.Tokenizer``.
@@ -212,10 +239,14 @@ def compression_table(tokenizer) -> tuple[np.ndarray, int]:
     """
     norm = _normalizer()
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    vocab = max(vocab, max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
+    prefix = _continuation_prefix(tokenizer)
     key2new: dict[str, int] = {}
     lookup = np.empty(vocab, dtype=np.int64)
     for tid in range(vocab):
         text = tokenizer.decode([tid], skip_special_tokens=False)
+        if prefix and text.startswith(prefix) and len(text) > len(prefix):
+            text = text[len(prefix):]
         if "\ufffd" in text:
             key = tokenizer.id_to_token(tid)
         else:

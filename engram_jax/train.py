@@ -77,7 +77,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "pystdlib",
               out_dir: str | Path, report: Callable[[dict], None] | None = None,
               progress: bool = True, meta: dict | None = None,
-              sync_checkpoints: bool = False) -> dict:
+              sync_checkpoints: bool = False, tokenizer: str | None = None,
+              eos_token: str | None = None) -> dict:
     """Train one model and return its result record (also written to ``out_dir/record.json``).
 
     The steps, each a function below: ``_claim_out_dir`` (a finished run returns its record),
@@ -86,7 +87,8 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
 
     Args:
       model_cfg, train_cfg: what to train and how.
-      corpus: "pystdlib", "pysrc", "pywheels-v1" or a path (see data.resolve_corpus).
+      corpus: "pystdlib", "pysrc", "pywheels-v1" or a path (see data.resolve_corpus); prepared
+        on first use (``engram_jax.data.prepare``), found by a stat of its files afterwards.
       out_dir: holds config.json, metrics.jsonl, record.json and ckpt/; resumed if present.
       report: called with a metrics dict at every log step (the sweep forwards it to Ray Tune).
       progress: show a progress bar on stderr.
@@ -94,19 +96,24 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
       sync_checkpoints: wait for each checkpoint to be complete on disk before the ``report``
         that follows it, so that ``report`` may copy ``out_dir`` elsewhere (the sweeps persist
         it as a Ray Tune checkpoint); by default orbax saves in the background.
+      tokenizer: a user's tokenizer.json or Hugging Face tokenizer folder (None: the own BPE);
+        its vocabulary must have ``model_cfg.vocab_size`` ids.
+      eos_token: that tokenizer's end-of-document token, when its config names none.
 
     Raises:
       TrainingDiverged: the loss became NaN/Inf (the message names the step).
-      FileNotFoundError / ValueError: a missing or empty corpus, an out_dir holding another run.
+      FileNotFoundError / ValueError: a missing, empty or changed corpus, a tokenizer that does
+        not fit, a damaged cache entry, an out_dir holding another run.
     """
     t_start = time.time()
     cfg = resolve_dtype(model_cfg, train_cfg)
     check_mesh(train_cfg.mesh, cfg, train_cfg, devices=jax.device_count())  # before any work
     out = Path(out_dir).absolute()
-    done = _claim_out_dir(cfg, train_cfg, corpus, out)
+    tok = {k: v for k, v in (("tokenizer", tokenizer), ("eos_token", eos_token)) if v is not None}
+    done = _claim_out_dir(cfg, train_cfg, corpus, out, tok)
     if done is not None:
         return done
-    run = _Run.build(cfg, train_cfg, corpus, out, progress=progress)
+    run = _Run.build(cfg, train_cfg, corpus, out, progress=progress, tok=tok)
     run.sync_checkpoints = sync_checkpoints
     run.train(report)
     val_loss, val_tokens = run.final_eval()
@@ -132,10 +139,13 @@ def _same_run(a: dict, b: dict) -> bool:
     return strip(a) == strip(b)
 
 
-def _claim_out_dir(cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path) -> dict | None:
+def _claim_out_dir(cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path,
+                   tok: dict | None = None) -> dict | None:
     """The stored record if ``out`` holds this finished run; refuses a directory of another run
-    (``EXECUTION_FIELDS`` may differ: a run started on one mesh resumes on another)."""
-    run_spec = {"model": cfg.to_dict(), "train": train_dict(tcfg), "corpus": corpus}
+    (``EXECUTION_FIELDS`` may differ: a run started on one mesh resumes on another). A user's
+    tokenizer (``tok``: tokenizer, eos_token) is part of the run; the own BPE adds nothing, so
+    earlier runs' config.json still match."""
+    run_spec = {"model": cfg.to_dict(), "train": train_dict(tcfg), "corpus": corpus, **(tok or {})}
     cfg_path = out / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
@@ -157,7 +167,7 @@ class _Run:
 
     @classmethod
     def build(cls, cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path, *,
-              progress: bool) -> _Run:
+              progress: bool, tok: dict | None = None) -> _Run:
         """Data (tokenizer, shards, hashing), model and optimizer state, restored from the
         latest checkpoint in ``out`` if there is one."""
         from engram_jax import data as data_lib
@@ -169,7 +179,12 @@ class _Run:
         self = cls()
         self.par = par = Parallel(tcfg.mesh, cfg, tcfg)
         self.cfg, self.tcfg, self.corpus, self.out, self.progress = cfg, tcfg, corpus, out, progress
-        self.data = data_lib.prepare(corpus, cfg.vocab_size, progress=progress)
+        t_data = time.perf_counter()
+        self.tok = tok or {}
+        self.data = data_lib.prepare(corpus, cfg.vocab_size, progress=progress, **self.tok)
+        if progress and _primary():
+            print(f"[data] {self.data!r} ready in {time.perf_counter() - t_data:.2f} s "
+                  f"({self.data.cache_path})", file=sys.stderr, flush=True)
         self.hash_fn = data_lib.make_hash_fn(cfg.engram, self.data, cfg.vocab_size) if cfg.engram else None
         self.hash_fn = par.local_hash_fn(self.hash_fn, tcfg.batch_size)  # this host's sequences
         model = HybridLM(cfg, rngs=nnx.Rngs(tcfg.seed), remat=tcfg.remat)
@@ -369,6 +384,9 @@ class _Run:
             "jax_version": jax.__version__, "flax_version": __import__("flax").__version__,
             "optax_version": __import__("optax").__version__,
             "corpus": self.corpus, "corpus_fingerprint": self.data.fingerprint,
+            **({"tokenizer": self.tok["tokenizer"],
+                "tokenizer_sha256": self.data.meta.get("tokenizer_sha256")}
+               if self.tok.get("tokenizer") else {}),
             **self._parallel_fields(),
         }
 
@@ -416,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", default="pystdlib",
                     help="pystdlib | pysrc | pywheels-v1 (pinned wheels, the same on every "
                          "machine) | a directory of text files | .jsonl | .parquet")
+    ap.add_argument("--tokenizer", metavar="PATH",
+                    help="a tokenizer.json or Hugging Face tokenizer folder whose vocabulary has "
+                         "the model's vocab_size ids (default: a byte-level BPE trained on the "
+                         "corpus); see docs/data.md")
+    ap.add_argument("--eos-token", metavar="TOKEN",
+                    help="the tokenizer's end-of-document token, when its config names none")
     ap.add_argument("--steps", type=int, help="optimizer steps")
     ap.add_argument("--rho", type=float,
                     help="allocate the preset's sparse budget: rho in experts, 1-rho in Engram")
@@ -461,16 +485,24 @@ def main(argv: list[str] | None = None) -> int:
         if a.mesh is not None:
             train_o["mesh"] = a.mesh
         tcfg = TrainConfig(**train_o)
-        from engram_jax.data import resolve_corpus
+        from engram_jax import data as data_lib
 
-        resolve_corpus(a.corpus)  # a missing or empty corpus fails here, before any work
+        # A missing, empty or changed corpus and a tokenizer that does not fit fail here, before
+        # any work (a prepared corpus is checked by a stat of its files, not read).
+        data_lib.check_corpus(a.corpus)
+        if a.tokenizer is not None:
+            data_lib.load_tokenizer_spec(a.tokenizer, eos_token=a.eos_token,
+                                         vocab_size=cfg.vocab_size)
+        elif a.eos_token is not None:
+            raise ValueError("--eos-token needs --tokenizer")
         from engram_jax import compile_cache
 
         compile_cache.check(a.compile_cache)  # so does an unusable cache directory
         out = Path(a.out or f"runs/{a.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         compile_cache.enable(a.compile_cache)
         rec = run_trial(cfg, tcfg, corpus=a.corpus, out_dir=out, progress=not a.no_progress,
-                        meta={"preset": a.preset, "rho": a.rho})
+                        meta={"preset": a.preset, "rho": a.rho}, tokenizer=a.tokenizer,
+                        eos_token=a.eos_token)
     except (ValueError, FileNotFoundError, TypeError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,10 @@ A grid file (YAML) names a base and what varies. Schema (every key optional unle
     batch_size: 16
     corpus: pystdlib             # "pystdlib" | "pysrc" | "pywheels-v1" | a path; $VARS and ~ are
                                  # expanded ($ENGRAM_WEB_CORPUS: the GPU ladder's web corpus)
+    tokenizer: /data/tok         # a user's tokenizer (tokenizer.json or a Hugging Face folder;
+                                 # $VARS and ~ expanded) instead of the BPE trained on the corpus;
+                                 # its vocabulary must be the model's vocab_size; or
+                                 # {path: ..., eos_token: "</s>"} when its config names no EOS
     resources: auto              # or {cpu: N, gpu: G} or {cpu: N, tpu: chips} (Ray's TPU) per
                                  # trial; G > 1 (or chips > 1) for a trial over a mesh; with
                                  # workers: W, each trial runs W JAX processes (Ray Train's
@@ -47,7 +51,7 @@ from engram_jax.parallel.mesh import check_mesh
 
 ALLOWED_KEYS = (
     "name", "description", "budget", "base", "rho", "sweep", "seeds", "steps", "tokens",
-    "batch_size", "corpus", "resources", "train", "model", "engram",
+    "batch_size", "corpus", "tokenizer", "resources", "train", "model", "engram",
 )
 _TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _ENGRAM_FIELDS = tuple(f.name for f in dataclasses.fields(EngramConfig))
@@ -67,6 +71,8 @@ class TrialSpec:
     train: TrainConfig
     corpus: str
     meta: dict[str, Any]  # grid, trial_id, rho, rho_actual, seed, budget, preset, sweep_key, sweep_value
+    tokenizer: str | None = None  # a user's tokenizer (None: the BPE trained on the corpus)
+    eos_token: str | None = None  # its EOS token, when its config names none
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class Grid:
     resources: str | dict[str, int]
     trials: tuple[TrialSpec, ...]
     raw: dict[str, Any] = field(repr=False)
+    tokenizer: str | None = None
 
     @property
     def trial_ids(self) -> list[str]:
@@ -90,8 +97,10 @@ class Grid:
 def load_grid(path: str | Path, *, check_corpus: bool = True) -> Grid:
     """Read, validate and expand a grid file into trials.
 
-    Every rho is allocated and every config built here, and the corpus is resolved
-    (``engram_jax.data.resolve_corpus``), so an invalid grid fails before any trial starts.
+    Every rho is allocated and every config built here, the corpus is checked
+    (``engram_jax.data.check_corpus``: it exists and, if prepared, a stat of its files matches the
+    manifest of its preparation) and the tokenizer loaded and checked against every trial's
+    vocabulary, so an invalid grid fails before any trial starts.
 
     Raises:
       GridError: malformed YAML, an unknown key (the allowed ones are listed), rho outside [0, 1],
@@ -218,6 +227,7 @@ def load_grid(path: str | Path, *, check_corpus: bool = True) -> Grid:
     resources = _resources(raw.get("resources", "auto"), fail)
     if check_corpus:
         _check_corpus(corpus, fail)
+    tokenizer, eos_token = _tokenizer(raw.get("tokenizer"), fail)
 
     # expand into trials
     points: list[tuple[float | None, str | None, Any]] = []
@@ -271,13 +281,16 @@ def load_grid(path: str | Path, *, check_corpus: bool = True) -> Grid:
                 "seed": seed, "budget": budget.name if budget else "", "preset": preset_name,
                 "sweep_key": skey_ or "", "sweep_value": "" if skey_ is None else _fmt(sval),
             }
-            trials.append(TrialSpec(tid, cfg, tcfg, corpus, meta))
+            trials.append(TrialSpec(tid, cfg, tcfg, corpus, meta, tokenizer, eos_token))
     # Seed-major order (every point of seed 0, then of seed 1 ...): a grid stopped part-way still
     # holds whole curves of its first seeds.
     order = {s: i for i, s in enumerate(seeds)}
     trials.sort(key=lambda t: order[t.train.seed])  # stable: point order within a seed
+    if tokenizer is not None and check_corpus:
+        _check_tokenizer(tokenizer, eos_token, {t.model.vocab_size for t in trials}, fail)
     return Grid(name=name, path=path, budget=budget.name if budget else None, preset=preset_name,
-                corpus=corpus, resources=resources, trials=tuple(trials), raw=raw)
+                corpus=corpus, resources=resources, trials=tuple(trials), raw=raw,
+                tokenizer=tokenizer)
 
 
 def _number(v: Any) -> Any:
@@ -367,12 +380,48 @@ def _expand_corpus(spec: str, fail) -> str:
 def _check_corpus(spec: str, fail) -> None:
     # Imported here (it pulls in the input pipeline) but never optional: a failed import is an
     # error, not a grid that skips its corpus check.
-    from engram_jax.data import resolve_corpus
+    from engram_jax.data import check_corpus
 
     try:
-        resolve_corpus(spec)
+        check_corpus(spec)
     except (FileNotFoundError, ValueError) as e:
         raise fail(f"corpus: {e}") from None
+
+
+def _tokenizer(v: Any, fail) -> tuple[str | None, str | None]:
+    """(path, eos_token) of the grid's ``tokenizer`` key: a path or {path, eos_token}."""
+    if v is None:
+        return None, None
+    eos = None
+    if isinstance(v, dict):
+        unknown = sorted(set(v) - {"path", "eos_token"})
+        if unknown or not isinstance(v.get("path"), str):
+            raise fail(f"tokenizer must be a path or {{path: PATH, eos_token: TOKEN}}, got {v!r}")
+        v, eos = v["path"], v.get("eos_token")
+        if eos is not None and not isinstance(eos, str):
+            raise fail(f"tokenizer.eos_token must be a string, got {eos!r}")
+    if not isinstance(v, str) or not v:
+        raise fail(f"tokenizer must be a path, got {v!r}")
+    expanded = os.path.expanduser(os.path.expandvars(v))
+    unset = sorted(set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)))
+    if unset:
+        raise fail(f"tokenizer {v!r}: environment variable {', '.join(unset)} is not set")
+    return expanded, eos
+
+
+def _check_tokenizer(path: str, eos_token: str | None, vocab_sizes: set[int], fail) -> None:
+    """The tokenizer loads, has an EOS token and as many ids as every trial's model."""
+    from engram_jax.data import load_tokenizer_spec
+
+    try:
+        spec = load_tokenizer_spec(path, eos_token=eos_token)
+    except ValueError as e:
+        raise fail(f"tokenizer: {e}") from None
+    bad = sorted(v for v in vocab_sizes if v != spec.vocab_size)
+    if bad:
+        raise fail(f"tokenizer {path} has a vocabulary of {spec.vocab_size:,} ids but the model's "
+                   f"vocab_size is {', '.join(f'{v:,}' for v in bad)}: set model: {{vocab_size: "
+                   f"{spec.vocab_size}}} (or use a tokenizer of that size)")
 
 
 def _fmt(v: Any) -> str:

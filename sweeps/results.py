@@ -49,6 +49,7 @@ def spec_row(spec: TrialSpec) -> dict:
         "flops_per_token": cfg.flops_per_token(),
         "steps": spec.train.steps, "batch_size": spec.train.batch_size, "seq_len": cfg.seq_len,
         "corpus": spec.corpus,
+        **({"tokenizer": spec.tokenizer} if getattr(spec, "tokenizer", None) else {}),
     }
 
 

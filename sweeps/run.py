@@ -125,14 +125,19 @@ def _incompatible(out: Path, grid: Grid, trial_configs: list[dict]) -> str:
 
 def corpus_changed(out: Path, grid: Grid) -> str:
     """Why the grid's corpus cannot continue the finished rows of ``runs.csv`` ("" if it can): the
-    corpus now resolves to another fingerprint than the one those rows were trained on."""
+    corpus now resolves to another fingerprint than the one those rows were trained on, or its
+    files changed since it was prepared. A prepared corpus is checked by a stat of its files
+    against its manifest (``engram_jax.data.corpus_fingerprint``), not reread."""
     old = sorted({r.get("corpus_fingerprint") or "" for r in finished_rows(out, grid).values()}
                  - {""})
     if not old:
         return ""
-    from engram_jax.data import resolve_corpus
+    from engram_jax.data import CorpusChanged, corpus_fingerprint
 
-    now = resolve_corpus(grid.corpus).fingerprint
+    try:
+        now = corpus_fingerprint(grid.corpus)
+    except CorpusChanged as e:
+        return f"refusing to continue grid {grid.name!r}: {e}"
     if old == [now]:
         return ""
     return (f"refusing to continue grid {grid.name!r}: the finished rows of {out / 'runs.csv'} were "

@@ -32,13 +32,18 @@ def spec_to_config(spec) -> dict:
     """The JSON-able trial description that Tune's param_space carries (see ``run.py``)."""
     from engram_jax.config import train_dict
 
-    return {
+    out = {
         "trial_id": spec.trial_id,
         "model": spec.model.to_dict(),
         "train": train_dict(spec.train),
         "corpus": spec.corpus,
         "meta": spec.meta,
     }
+    # A user's tokenizer only when there is one: grids on the own BPE keep their grid.json.
+    for k in ("tokenizer", "eos_token"):
+        if getattr(spec, k, None) is not None:
+            out[k] = getattr(spec, k)
+    return out
 
 
 def pack_checkpoint(src: Path, dst: Path, step: int | None) -> None:
@@ -165,6 +170,7 @@ def _train(t: dict, out_dir: Path, tune) -> None:
     record = run_trial(
         ModelConfig.from_dict(t["model"]), TrainConfig(**t["train"]), corpus=t["corpus"],
         out_dir=out_dir, report=report, progress=False, meta=t["meta"], sync_checkpoints=True,
+        tokenizer=t.get("tokenizer"), eos_token=t.get("eos_token"),
     )
     final = final_result(record, out_dir)
     # The last checkpoint holds the record: a rerun after a driver crash returns it at once.
@@ -251,5 +257,6 @@ def _worker_loop(config: dict) -> None:
     record = run_trial(
         ModelConfig.from_dict(t["model"]), TrainConfig(**t["train"]), corpus=t["corpus"],
         out_dir=out_dir, report=report, progress=False, meta=t["meta"], sync_checkpoints=True,
+        tokenizer=t.get("tokenizer"), eos_token=t.get("eos_token"),
     )
     ray.train.report(final_result(record, out_dir))
