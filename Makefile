@@ -40,7 +40,7 @@ endif
 comma   := ,
 EXTRAS  := sweep,tracking,analysis,notebooks,test$(if $(filter none,$(TORCH)),,$(comma)parity)
 
-.PHONY: setup test test-all sweep plots fit readme bench bench-gpu contracts lint clean
+.PHONY: setup test test-all sweep plots fit readme bench bench-gpu bench-prepare contracts lint clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,13 @@ bench: $(STAMP)
 # MFU against the measured and the rated peak (bench/gpucheck.py).
 bench-gpu: $(STAMP)
 	$(VPY) -m bench.gpucheck --out $(RESULTS)/bench
+
+# Preparing a corpus once, measured (bench/prepare.py): throughput at 1 and 2 workers, peak memory
+# at two corpus sizes, a killed run resumed, the no-op rerun and a trial's start-up, on PREPARE_GB
+# gigabytes of pysrc's files copied into a temporary folder.
+PREPARE_GB ?= 1.0
+bench-prepare: $(STAMP)
+	$(VPY) -m bench.prepare --gigabytes $(PREPARE_GB) --out $(RESULTS)/bench/prepare
 
 # The public names other code relies on (docs/design.md section 4), checked in tests/test_contracts.py.
 contracts: $(STAMP)
