@@ -185,7 +185,8 @@ class Build:
             raise CorpusChanged(f"corpus {self.listing.spec!r} changed while the preparation "
                                 "began (files added, removed or modified): run it again")
         units = shards.plan_units(corpus.files, self.unit_bytes)
-        with Workers(self.workers if len(units) > 1 else 1) as pool:
+        n = self.workers if len(units) > 1 else 1
+        with Workers(n, one_core=self.workers == 1) as pool:
             scan = _read_json(self.partial / "scan.json") or self._scan(corpus, units, pool)
             settings = entry_settings(scan["fingerprint"], self.vocab_size, self.val_fraction,
                                       self.tok)

@@ -274,6 +274,13 @@ def _stamp(p: Path, key: str) -> Stamp:
     return (key, st.st_size, st.st_mtime_ns)
 
 
+def _warn(spec: str) -> None:
+    global _warned_pysrc
+    if spec == "pysrc" and not _warned_pysrc:
+        _warned_pysrc = True
+        print(PYSRC_WARNING, file=sys.stderr, flush=True)
+
+
 def _missing(spec: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"corpus {spec!r} not found: expected one of {BUILTIN_CORPORA} or an existing "
@@ -291,6 +298,7 @@ def list_corpus(spec: str) -> Listing:
     if spec in WHEEL_CORPORA:
         return resolve_corpus(spec).listing
     if spec in BUILTIN_CORPORA:
+        _warn(spec)
         stamps = tuple(sorted(_stamp(p, k) for k, p in _python_candidates(spec == "pysrc")))
         return Listing(spec, spec, _python_identity(spec), stamps)
     path = Path(spec).expanduser()
@@ -323,7 +331,6 @@ def resolve_corpus(spec: str, *, check_empty: bool = True) -> Corpus:
         or does not match its manifest, or the corpus does not have the manifest's fingerprint.
       ValueError: the corpus holds no usable text, or a record file is malformed.
     """
-    global _warned_pysrc
     spec = str(spec)
     if spec in WHEEL_CORPORA:
         return resolve_wheel_corpus(corpus_wheels.MANIFEST_DIR / f"{spec}.json")
@@ -333,9 +340,7 @@ def resolve_corpus(spec: str, *, check_empty: bool = True) -> Corpus:
         listing = Listing(spec, spec, _python_identity(spec),
                           tuple(sorted(_stamp(p, k) for k, p in candidates)))
         corpus = Corpus(spec, spec, files, listing)
-        if spec == "pysrc" and not _warned_pysrc:
-            _warned_pysrc = True
-            print(PYSRC_WARNING, file=sys.stderr, flush=True)
+        _warn(spec)
     else:
         path = Path(spec).expanduser()
         if not path.exists():

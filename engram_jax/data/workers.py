@@ -13,6 +13,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import sys
+import threading
 import types
 from collections.abc import Callable
 
@@ -48,13 +49,16 @@ def _init_worker(counter) -> None:
 class Workers:
     """N worker processes (or the calling process, for one) with a shared progress counter.
 
+    In the calling process the tokenizer is held to one core (``one_core``), unless one worker
+    serves a single unit of a larger pool: then its batch encoding may use every core.
+
     ``run(fn, tasks, on_result, window)`` calls ``fn(*task)`` for each task and ``on_result``
     with each result in the calling process as it arrives, with at most ``window(i)`` tasks
     started ahead (a callable of the next task's position), updating a tqdm bar from the counter.
     """
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int, *, one_core: bool = True):
+        self.n, self.one_core = n, one_core
         self.pool = None
         if n == 1:
             self.counter = _Counter()
@@ -84,10 +88,9 @@ class Workers:
             prev = shards._progress
             shards._progress = self.counter
             try:
-                with _one_core():
+                with _one_core() if self.one_core else contextlib.nullcontext():
                     for t in tasks:
-                        on_result(fn(*t))
-                        _update(bar, self.counter)
+                        on_result(_in_thread(fn, t, bar, self.counter))
             finally:
                 shards._progress = prev
             return
@@ -119,6 +122,26 @@ class Workers:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _in_thread(fn: Callable, args: tuple, bar, counter):
+    """``fn(*args)`` in a thread while this one moves the progress bar."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = fn(*args)
+        except BaseException as e:  # re-raised below, in the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=target, name="prepare-unit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(_POLL_S)
+        _update(bar, counter)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 @contextlib.contextmanager
