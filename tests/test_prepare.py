@@ -418,3 +418,19 @@ def test_pystdlib_streams_are_those_of_the_first_version(tmp_path, monkeypatch, 
     assert d.cache_path.name == name
     for f, sha in hashes.items():
         assert hashlib.sha256((d.cache_path / f).read_bytes()).hexdigest() == sha, f
+
+
+def test_a_worker_killed_mid_task_is_reported_not_waited_for():
+    import signal
+    import threading
+    import time
+
+    from engram_jax.data.workers import WorkerDied, Workers
+
+    with Workers(2) as w:
+        victim = w._procs[0].pid
+        threading.Timer(1.0, lambda: os.kill(victim, signal.SIGKILL)).start()
+        t0 = time.perf_counter()
+        with pytest.raises(WorkerDied, match="killed for memory"):
+            w.run(time.sleep, [(4,)] * 4, lambda r: None)
+        assert time.perf_counter() - t0 < 4

@@ -92,11 +92,17 @@ def _read_json(path: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive ``flock`` on ``path`` (released when the file closes, also if killed)."""
+def file_lock(path: Path, waiting: str | None = None):
+    """An exclusive ``flock`` on ``path`` (released when the file closes, also if killed); when
+    another process holds it, ``waiting`` is printed to stderr first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:  # "a": taking the lock changes nothing on disk
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
         yield
 
 

@@ -201,7 +201,9 @@ def prepare_entry(
     entry = ready()
     if entry is not None:
         return PreparedData(entry), False
-    with file_lock(root / f".{safe_name(listing.name)}-{listing.idkey}.lock"):
+    lock = root / f".{safe_name(listing.name)}-{listing.idkey}.lock"
+    with file_lock(lock, f"[data] waiting for another process preparing {spec} ({lock})"
+                   if progress else None):
         entry = None if rescan else ready()  # another process may have built it meanwhile
         built = False
         if entry is None:

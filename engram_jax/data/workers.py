@@ -40,6 +40,10 @@ class _Counter:
         return contextlib.nullcontext()
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended in the middle of the work (killed, out of memory)."""
+
+
 def _init_worker(counter) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -73,6 +77,7 @@ class Workers:
             # (engram_jax.train) would load JAX into every one of them.
             sys.modules["__main__"] = types.ModuleType("__main__")
             self.pool = ctx.Pool(n, initializer=_init_worker, initargs=(self.counter,))
+            self._procs = list(self.pool._pool)  # a Pool replaces a dead worker, losing its task
         finally:
             if main is not None:
                 sys.modules["__main__"] = main
@@ -110,6 +115,12 @@ class Workers:
                     still.append(r)
             running = still
             _update(bar, self.counter)
+            dead = [p for p in self._procs if p.exitcode is not None]
+            if dead and running:
+                raise WorkerDied(
+                    f"a worker process died (exit code {dead[0].exitcode}; killed for memory?) "
+                    "while preparing the corpus; run the command again to resume, with fewer "
+                    "--workers if memory is short")
 
     def close(self) -> None:
         if self.pool is not None:
