@@ -50,10 +50,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="read a corpus whose files changed since it was prepared again (an "
                         "unchanged content keeps its entry; a changed one gets a new entry)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    sub.add_parser("wheel-manifest", add_help=False,
+                   help="write a wheel-corpus manifest from local wheels (engram_jax/data/wheels.py)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["wheel-manifest"]:  # the wheel corpora's maintenance helper (wheels.py)
+        from engram_jax.data.wheels import main as wheel_manifest
+
+        return wheel_manifest(argv[1:])
     a = _parser().parse_args(argv)
     if a.workers is not None and a.workers < 1:
         print(f"error: --workers must be at least 1, got {a.workers}", file=sys.stderr)

@@ -281,13 +281,18 @@ class Build:
     def _tokenize(self, units, scan: dict, pool: Workers) -> dict:
         out = self.partial / "shards"
         out.mkdir(exist_ok=True)
-        prog = _read_json(self.partial / "progress.json") or {"appended": 0, "train": 0,
-                                                               "val": 0, "units": []}
+        prog = _read_json(self.partial / "progress.json") or {"appended": 0, "train": 0, "val": 0}
+        # One line per appended unit (its marker), appended before progress.json moves on.
+        log_path = self.partial / "units.jsonl"
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        appended = [json.loads(line) for line in lines[:prog["appended"]]]
         done = {}
         for i in range(prog["appended"], len(units)):  # checked before anything is written
             m = self._marker(out, i)
             if m is not None:
                 done[i] = m
+        if len(lines) != len(appended):  # a line of a unit whose append was cut short
+            atomic_write_text(log_path, "".join(json.dumps(m) + "\n" for m in appended))
         for i in range(prog["appended"]):  # leftovers of a build killed right after appending
             for p in shards.shard_paths(out, i).values():
                 p.unlink(missing_ok=True)
@@ -308,9 +313,13 @@ class Build:
                 for s in ("train", "val"):
                     streams[s].append(paths[s], m[s])
                     streams[s].sync()
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(m) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                appended.append(m)
                 prog.update(appended=i + 1, train=streams["train"].count,
                             val=streams["val"].count)
-                prog["units"].append(m)
                 atomic_write_text(self.partial / "progress.json", json.dumps(prog))
                 for p in paths.values():
                     p.unlink(missing_ok=True)
@@ -319,7 +328,7 @@ class Build:
                  "force_train": scan["force_train"]}
         tasks = [(i, units[i], str(self.partial / "tokenizer.json"), split, self.eos_id,
                   self.dtype.name, str(out)) for i in todo]
-        chars_done = sum(m["chars"] for m in prog["units"]) + sum(m["chars"] for m in done.values())
+        chars_done = sum(m["chars"] for m in appended) + sum(m["chars"] for m in done.values())
         self.log(f"tokenizing {scan['n_chars']:,} characters with {pool.n} worker(s)")
         bar = progress_bar(scan["n_chars"], f"tokenize {self.listing.name}", "char", self.progress)
         bar.update(chars_done)
@@ -334,7 +343,7 @@ class Build:
         for s in streams.values():
             s.finish()
         return {"train": streams["train"].count, "val": streams["val"].count,
-                "units": prog["units"]}
+                "units": appended}
 
     def _marker(self, out: Path, i: int) -> dict | None:
         """A finished unit's counts, its shard files checked against them (None: not finished)."""
@@ -367,7 +376,7 @@ class Build:
                     "files": scan["rows"], "units": units,
                     "n_train_tokens": counts["train"], "n_val_tokens": counts["val"]}
         atomic_write_text(self.partial / "manifest.json", json.dumps(manifest, separators=(",", ":")))
-        for name in ("scan.json", "progress.json", "state.json"):
+        for name in ("scan.json", "progress.json", "units.jsonl", "state.json"):
             (self.partial / name).unlink(missing_ok=True)
         shutil.rmtree(self.partial / "shards", ignore_errors=True)
         atomic_write_text(self.partial / "meta.json", json.dumps(meta, indent=1, sort_keys=True))

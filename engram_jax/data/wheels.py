@@ -279,7 +279,7 @@ def read_members(files: list[SourceFile], sinks: list[dict] | None = None
 
 def write_manifest(path: str | Path, name: str, wheels: list[Path], description: str = "") -> dict:
     """Write a manifest for local wheel files (``project-version-...-none-any.whl``) with the
-    fingerprint they resolve to; a maintenance helper, see ``python -m engram_jax.data.wheels``.
+    fingerprint they resolve to; a maintenance helper, see ``python -m engram_jax.data wheel-manifest``.
     """
     from engram_jax.data.corpus import Corpus
 
@@ -314,7 +314,7 @@ def _format_manifest(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m engram_jax.data.wheels",
+    ap = argparse.ArgumentParser(prog="python -m engram_jax.data wheel-manifest",
                                  description="write a wheel-corpus manifest from local wheels")
     ap.add_argument("out", help="manifest path, e.g. engram_jax/corpora/pywheels-v2.json")
     ap.add_argument("wheels", nargs="+", help="pure-Python wheel files")
