@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_jax.data.corpus import SourceFile, fingerprint_of, iter_file, iter_files
+from engram_jax.data.corpus import fingerprint_of
+from engram_jax.data.readers import SourceFile, iter_file, iter_files
 from engram_jax.data.manifest import CorpusChanged, atomic_write_text
 
 UNIT_BYTES = 64 << 20
