@@ -109,29 +109,42 @@ def _rho1_by_rate(results: Path, b: str) -> pd.DataFrame:
     return d.drop_duplicates(["lr", "seed"])[["lr", "seed", "val_loss"]]
 
 
+# The learning-rate checks: (label, budget, rho = 1.0 grid, low-rho grid). The ladder's low rho
+# is 0.7; the candidates' is the lowest of their allocation grids.
+LR_CHECKS = (
+    *((b, b, f"lr-{b}", f"lr-{b}-rho0.7") for b in LADDER),
+    ("cpu2k-5e12", "cpu2k-5e12", "lr-cpu2k-5e12", "lr-cpu2k-5e12-rho0.4"),
+    ("cpu-3e12, 8 heads/order (pywheels-v1)", None, None, "cand-cpu-3e12-pe-lr"),
+)
+
+
 def block_lr(results: Path) -> str:
-    """Per budget and peak rate: the one-seed loss at rho = 1.0 and 0.7, and, where a rate has
-    at least two seeds at rho = 1.0 (``lr-<b>-seeds``, the allocation grid), their mean ± sd."""
-    lines = ["| budget | peak lr | val loss at rho = 1.0 | val loss at rho = 0.7 "
+    """Per budget and peak rate: the one-seed loss at rho = 1.0 and at a low rho, and, where a
+    rate has at least two seeds at rho = 1.0 (``lr-<b>-seeds``, the allocation grid), their
+    mean ± sd."""
+    lines = ["| budget | peak lr | val loss at rho = 1.0 | val loss at a low rho (rho) "
              "| rho = 1.0, mean ± sd over seeds (n) |",
              "|---|---|---|---|---|"]
     any_row = False
-    for b in LADDER:
-        one, seven = _grid(results, f"lr-{b}"), _grid(results, f"lr-{b}-rho0.7")
-        if one is None:
+    for label, b, g1, glow in LR_CHECKS:
+        one = _grid(results, g1) if g1 else None
+        low = _grid(results, glow)
+        if one is None and low is None:
             continue
-        seeds = _rho1_by_rate(results, b)
-        rates = sorted(set(one["lr"]) | (set(seven["lr"]) if seven is not None else set()))
-        best1 = one.loc[one["val_loss"].idxmin(), "lr"]
-        best7 = seven.loc[seven["val_loss"].idxmin(), "lr"] if seven is not None else None
+        seeds = _rho1_by_rate(results, b) if b else pd.DataFrame({"lr": [], "val_loss": []})
+        rates = sorted((set(one["lr"]) if one is not None else set())
+                       | (set(low["lr"]) if low is not None else set()))
+        best1 = one.loc[one["val_loss"].idxmin(), "lr"] if one is not None else None
+        bestl = low.loc[low["val_loss"].idxmin(), "lr"] if low is not None else None
         for lr in rates:
-            v1 = one.loc[one["lr"] == lr, "val_loss"]
-            v7 = seven.loc[seven["lr"] == lr, "val_loss"] if seven is not None else pd.Series(dtype=float)
+            v1 = one.loc[one["lr"] == lr, "val_loss"] if one is not None else pd.Series(dtype=float)
+            vl = low.loc[low["lr"] == lr] if low is not None else pd.DataFrame()
             vs = seeds.loc[np.isclose(seeds["lr"], lr), "val_loss"]
             cell1 = f"{v1.iloc[0]:.4f}" + (" (best)" if lr == best1 else "") if len(v1) else "-"
-            cell7 = f"{v7.iloc[0]:.4f}" + (" (best)" if lr == best7 else "") if len(v7) else "-"
+            celll = (f"{vl['val_loss'].iloc[0]:.4f} ({vl['rho'].iloc[0]:g})"
+                     + (" (best)" if lr == bestl else "")) if len(vl) else "-"
             cells = f"{vs.mean():.4f} ± {vs.std(ddof=1):.4f} ({len(vs)})" if len(vs) >= 2 else "-"
-            lines.append(f"| {b} | {lr:g} | {cell1} | {cell7} | {cells} |")
+            lines.append(f"| {label} | {lr:g} | {cell1} | {celll} | {cells} |")
             any_row = True
     return "\n".join(lines) if any_row else "No learning-rate grid has finished yet."
 

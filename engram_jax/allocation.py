@@ -313,7 +313,7 @@ BUDGETS: dict[str, Budget] = {
                                 table_sizes=(2, 2)),
             train=(("eval_every", 2338 // 4 + 1), ("eval_batches", 4), ("log_every", 10),
                    ("final_eval_tokens", 1 << 20)),
-            corpus="pywheels-v1", device="cpu", corpus_tokens=5.5e7, cpu_tokens_per_s=47e3,
+            corpus="pywheels-v1", device="cpu", corpus_tokens=4.77e7, cpu_tokens_per_s=47e3,
             description="C = 5.5e12: 96k active, 9.6M tokens, vocabulary 2048, 4 layers",
         ),
         # The paper-regime GPU ladder: D = 100 P_act (the paper's ratio), P_tot/P_act ~ 10 with

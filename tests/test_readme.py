@@ -146,10 +146,15 @@ def test_lr_block_pools_the_seeds_of_a_rate_across_grids(monkeypatch):
         "b": rows((0.02, 0, 1.0, 2.0, "ok"), (0.02, 1, 1.0, 2.2, "ok"), (0.02, 2, 1.0, 2.4, "ok"),
                   (0.02, 0, 0.8, 1.0, "ok")),
     }
-    monkeypatch.setattr(readme, "LADDER", ["b"])
+    monkeypatch.setattr(readme, "LR_CHECKS", [("b", "b", "lr-b", "lr-b-rho0.7"),
+                                              ("only low", None, None, "lr-c-rho0.3")])
     monkeypatch.setattr(readme, "_grid", lambda results, name: grids.get(name))
     text = readme.block_lr(None)
-    assert "| b | 0.01 | 3.0000 | 2.5000 | 3.5000 ± 0.7071 (2) |" in text
-    assert "| b | 0.02 | 2.0000 (best) | 2.4000 (best) | 2.2000 ± 0.2000 (3) |" in text
+    assert "| b | 0.01 | 3.0000 | 2.5000 (0.7) | 3.5000 ± 0.7071 (2) |" in text
+    assert "| b | 0.02 | 2.0000 (best) | 2.4000 (0.7) (best) | 2.2000 ± 0.2000 (3) |" in text
+    assert "only low" not in text  # no grid of it has finished
+    grids["lr-c-rho0.3"] = rows((0.01, 0, 0.3, 1.5, "ok"), (0.02, 0, 0.3, 1.7, "ok"))
     grids.pop("lr-b-seeds")
-    assert "| b | 0.01 | 3.0000 | 2.5000 | - |" in readme.block_lr(None)
+    text = readme.block_lr(None)
+    assert "| b | 0.01 | 3.0000 | 2.5000 (0.7) | - |" in text
+    assert "| only low | 0.01 | - | 1.5000 (0.3) (best) | - |" in text
