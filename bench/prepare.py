@@ -45,6 +45,8 @@ import threading
 import time
 from pathlib import Path
 
+from engram_jax.data.corpus import _SKIP_DIRS as _SKIPPED
+
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["measurement", "corpus_mb", "workers", "vocab", "seconds", "tokens", "tokens_per_s",
            "mb_per_s", "peak_rss_mb", "note", "cpus", "git_commit", "date"]
@@ -59,7 +61,10 @@ def build_corpus(dest: Path, gigabytes: float, source: str) -> int:
     target, total, i = int(gigabytes * 1e9), 0, 0
     while total < target:
         for f in files:
-            p = dest / f"copy{i:03d}" / f.key
+            # A path corpus skips folders named site-packages (and the like): rename them so that
+            # every copied file is read.
+            key = "/".join(f"{part}_" if part in _SKIPPED else part for part in f.key.split("/"))
+            p = dest / f"copy{i:03d}" / key
             p.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f.path, p)
             total += f.size

@@ -66,3 +66,23 @@ def test_prepare_bench_end_to_end(tmp_path):
                                     "trial-startup", "trial-startup-pystdlib"}
     assert float(rows[("prepare", "2")]["peak_rss_mb"]) > 0
     assert "second run on the finished entry" == rows[("noop", "2")]["note"]
+
+
+def test_build_corpus_copies_are_all_read_by_the_path_corpus(tmp_path, monkeypatch):
+    """A source whose files sit in folders a path corpus skips (pysrc's keys site-packages/...)
+    is copied under renamed folders, so every copied byte is part of the measured corpus."""
+    import types
+
+    import engram_jax.data as data
+    from engram_jax.data import resolve_corpus
+
+    src = _corpus(tmp_path / "src")
+    files = [types.SimpleNamespace(key=f"site-packages/pkg/{p.name}", path=p, size=p.stat().st_size,
+                                   kind="text") for p in sorted(src.iterdir())]
+    monkeypatch.setattr(data, "resolve_corpus", lambda spec: types.SimpleNamespace(files=files))
+    total = bench_prepare.build_corpus(tmp_path / "big", 30_000 / 1e9, "pysrc")
+    monkeypatch.undo()
+    copied = [p for p in (tmp_path / "big").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in copied) == total >= 30_000
+    assert not any("site-packages" in p.parts for p in copied)
+    assert sum(f.size for f in resolve_corpus(str(tmp_path / "big")).files) == total
