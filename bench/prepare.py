@@ -9,6 +9,8 @@ corpus of a quarter of it for the memory comparison) in a temporary folder, then
 - ``prepare``: seconds, tokens/s and MB/s of corpus at each of ``--workers`` (default 1 and 2),
   and the peak resident memory of the whole process tree (the CLI and its workers: /proc sampled
   every 50 ms, RSS summed over the tree);
+- ``ceiling``: the tokenizer alone (one core per process) on the same ~24 MB in 1 process and then
+  in N at once: the speedup N perfectly parallel workers could reach on this machine;
 - ``memory-quarter``: the same at a quarter of the size (flat memory: the peak does not grow with
   the corpus);
 - ``resume``: a run killed (SIGKILL to its process group) once a third of the units are
@@ -167,6 +169,53 @@ def _prepare(corpus, cache, vocab, workers, unit_mb, mb, name, note=""):
     return _row(name, mb, workers, vocab, seconds, result, r.peak, note), result
 
 
+_KERNEL = """
+import sys, time
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+texts = [open(p, encoding="utf-8", errors="replace").read() for p in sys.argv[2:]]
+t = time.perf_counter()
+for i in range(0, len(texts), 256):
+    tok.encode_batch(texts[i:i + 256], add_special_tokens=False)
+print(time.perf_counter() - t)
+"""
+
+
+def kernel_scaling(tokenizer: Path, corpus: Path, n: int, mb: float = 24.0) -> dict:
+    """The ceiling of the worker speedup on this machine: the tokenizer alone (one core each,
+    as the workers run it) encoding the same ~``mb`` MB of the corpus in one process, then in
+    ``n`` processes at once. ``seconds`` is the n-process wall time; the note gives the speedup
+    n x t1 / t_n that n perfectly parallel workers could reach here."""
+    files, total = [], 0
+    for f in sorted(corpus.rglob("*")):
+        if f.is_file():
+            files.append(str(f))
+            total += f.stat().st_size
+            if total >= mb * 1e6:
+                break
+    env = {**os.environ, "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-c", _KERNEL, str(tokenizer), *files]
+
+    def run(k: int) -> float:
+        t = time.perf_counter()
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE) for _ in range(k)]
+        for p in procs:
+            p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"the tokenizer kernel failed ({p.returncode})")
+        return time.perf_counter() - t
+
+    t1, tn = run(1), run(n)
+    ceiling = n * t1 / tn
+    print(f"[bench.prepare] ceiling: the tokenizer on {total / 1e6:.0f} MB, 1 process {t1:.1f} s, "
+          f"{n} at once {tn:.1f} s: {ceiling:.2f}x", file=sys.stderr)
+    row = _row("ceiling", total / 1e6, n, None, tn,
+               note=f"the tokenizer alone: 1 process {t1:.2f} s, {n} at once {tn:.2f} s: "
+                    f"{n}-process speedup {ceiling:.2f}x (the most {n} workers can reach here)")
+    row.update(mb_per_s=round(n * total / 1e6 / tn, 2))
+    return row
+
+
 def _sha(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -185,6 +234,8 @@ def measure(work: Path, *, gigabytes: float, source: str, vocab: int, workers: l
         row, results[w] = _prepare(big, work / f"cache-w{w}", vocab, w, unit_mb, mb, "prepare")
         rows.append(row)
     w = max(workers)
+    if len(workers) > 1:
+        rows.append(kernel_scaling(Path(results[min(workers)]["entry"]) / "tokenizer.json", big, w))
     rows.append(_prepare(small, work / "cache-quarter", vocab, w, unit_mb, mb_small,
                          "memory-quarter", "a quarter of the corpus: compare peak_rss_mb")[0])
 
@@ -286,6 +337,9 @@ fresh cache each time, on a machine of {os.cpu_count()} CPUs (commit {stamp['git
 
 - `prepare`: the whole preparation (scan, BPE training on the sample, tokenization) at each
   number of workers; tokens = train + validation tokens; MB/s of corpus.
+- `ceiling`: the tokenizer alone, one core each, on the same ~24 MB in one process and then in
+  as many processes at once as the largest worker count: the speedup that many perfectly
+  parallel workers could reach on this machine (the workers' speedup is read against it).
 - `memory-quarter`: the same at a quarter of the corpus: the peak resident memory of the
   process tree (the CLI and its workers) should be about that of the full size.
 - `resume`: the rerun after a SIGKILL once a third of the units were appended.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 
 import pytest
 
@@ -62,8 +63,9 @@ def test_prepare_bench_end_to_end(tmp_path):
                                "--vocab", "300", "--out", str(tmp_path / "out")]) == 0
     rows = {(r["measurement"], r["workers"]): r
             for r in csv.DictReader((tmp_path / "out" / "prepare.csv").open())}
-    assert {m for m, _ in rows} >= {"prepare", "memory-quarter", "resume", "noop",
+    assert {m for m, _ in rows} >= {"prepare", "ceiling", "memory-quarter", "resume", "noop",
                                     "trial-startup", "trial-startup-pystdlib"}
+    assert re.search(r"2-process speedup \d+\.\d\dx", rows[("ceiling", "2")]["note"])
     assert float(rows[("prepare", "2")]["peak_rss_mb"]) > 0
     assert "second run on the finished entry" == rows[("noop", "2")]["note"]
 
