@@ -202,20 +202,43 @@ def _source(key: str, path: Path, kind: str | None = None) -> SourceFile | None:
 # discovery
 
 
-def _walk(root: Path, pattern: str = "*", skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
-    """Regular files under root matching pattern, sorted, skipping hidden and excluded dirs (not
-    entered at all: the standard library holds a site-packages folder)."""
+def _walk_stat(root: Path, pattern: str = "*",
+               skip_dirs: frozenset[str] = frozenset()) -> list[tuple[tuple[str, ...], str, os.stat_result]]:
+    """(path parts relative to root, path, stat) of the regular files under root matching
+    pattern, in the order of their relative paths' parts, skipping hidden and excluded dirs (not
+    entered at all: the standard library holds a site-packages folder). One ``stat`` per file
+    (``os.scandir``'s entries know their type): a corpus of many small files is listed in a
+    fraction of the time a trial takes to start. Symbolic links to files are followed; symbolic
+    links to directories are not entered (as ``os.walk`` does by default)."""
     skip = _SKIP_DIRS | skip_dirs
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip]
-        for name in filenames:
-            if name.startswith(".") or not fnmatch.fnmatchcase(name, pattern):
-                continue
-            p = Path(dirpath) / name
-            if p.is_file():
-                out.append(p)
-    return sorted(out)
+    stack: list[tuple[tuple[str, ...], str]] = [((), str(root))]
+    while stack:
+        rel, d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                name = e.name
+                if name.startswith("."):
+                    continue
+                try:
+                    if e.is_dir():
+                        if not e.is_symlink() and name not in skip:
+                            stack.append(((*rel, name), e.path))
+                    elif fnmatch.fnmatchcase(name, pattern) and e.is_file():
+                        out.append(((*rel, name), e.path, e.stat()))
+                except OSError:  # vanished, or a link to nowhere
+                    continue
+    out.sort(key=lambda x: x[0])
+    return out
+
+
+def _walk(root: Path, pattern: str = "*", skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
+    """Regular files under root matching pattern, in path order (see ``_walk_stat``)."""
+    return [Path(p) for _, p, _ in _walk_stat(root, pattern, skip_dirs)]
 
 
 def _stdlib_dir() -> Path:
@@ -260,7 +283,8 @@ def _python_sources(candidates: list[tuple[str, Path]]) -> list[SourceFile]:
 def _path_files(path: Path) -> list[SourceFile]:
     if path.is_file():
         return [_stat_source(path.name, path)]
-    return [_stat_source(p.relative_to(path).as_posix(), p) for p in _walk(path)]
+    return [SourceFile("/".join(rel), Path(p), _kind(Path(rel[-1])), st.st_size, "",
+                       mtime_ns=st.st_mtime_ns) for rel, p, st in _walk_stat(path)]
 
 
 def _python_identity(spec: str) -> dict:
