@@ -233,10 +233,10 @@ def memory_column(df: pd.DataFrame) -> str | None:
 
 
 # Grids that change a budget's model or training (the paper's ablations, the Muon curve, memory
-# scaling, the mechanism diagnostics' arms: another corpus, batch or rate) are named by these
-# prefixes (sweeps/grids/). They share the budget's ``budget`` column but are other curves: they
+# scaling, the mechanism diagnostics' arms: another corpus, batch or rate; the candidate regimes
+# built on a ladder budget: another Engram shape) are named by these prefixes (sweeps/grids/). They share the budget's ``budget`` column but are other curves: they
 # are never pooled into the budget's allocation curve.
-VARIANT_PREFIXES = ("ablation-", "muon-", "memory-", "diag-")
+VARIANT_PREFIXES = ("ablation-", "muon-", "memory-", "diag-", "cand-")
 
 
 def is_variant_grid(grid: str) -> bool:
