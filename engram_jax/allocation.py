@@ -316,6 +316,34 @@ BUDGETS: dict[str, Budget] = {
             corpus="pywheels-v1", device="cpu", corpus_tokens=4.77e7, cpu_tokens_per_s=47e3,
             description="C = 5.5e12: 96k active, 9.6M tokens, vocabulary 2048, 4 layers",
         ),
+        # The paper-shaped ladder in cpu2k-5e12's regime (README "Does the suite reproduce the
+        # paper's U?"): vocabulary 2048, d_model 32, 3 / 4 / 5 layers with 32 routed experts
+        # 48 / 64 / 112 wide (top-2, one shared; P_tot/P_act 8.3-9.6), D = 100 P_act (batches of
+        # 32 x 128), the paper's Engram shape (orders 2-3, 8 heads of width 1 per order: d_mem =
+        # 16 = d_model / 2) at layer 1, rho 1.0 .. 0.3 x three seeds, on pywheels-v1; C from
+        # 1.95e12 to 2.1e13 (1.03 decades). Learning rates: the best of lr-<budget> (rho 1.0) and
+        # lr-<budget>-rho0.3. Tokens/s: cpu2k-5e12's measured 25k (two trials side by side)
+        # scaled by the FLOPs per token, an estimate until their grids record it.
+        *(
+            Budget(
+                name=name, preset=name, rhos=LADDER_RHOS, seeds=(0, 1, 2), steps=steps,
+                batch_size=32, lr=lr, warmup_steps=steps // 20,
+                engram=EngramConfig(layer_ids=(1,), max_ngram=3, heads_per_ngram=8, d_head=1,
+                                    table_sizes=(2, 2)),
+                train=(("eval_every", steps // 4 + 1), ("eval_batches", 4), ("log_every", 10),
+                       ("final_eval_tokens", 1 << 20)),
+                corpus="pywheels-v1", device="cpu", corpus_tokens=4.77e7, cpu_tokens_per_s=tps,
+                description=desc,
+            )
+            for name, steps, lr, tps, desc in (
+                ("ladder2k-2e12", 1393, 1.6e-2, 33e3,
+                 "C = 1.95e12: 57k active, 5.7M tokens, vocabulary 2048, 3 layers"),
+                ("ladder2k-5e12", 2307, 1.6e-2, 25e3,
+                 "C = 5.4e12: 94k active, 9.4M tokens, vocabulary 2048, 4 layers"),
+                ("ladder2k-2e13", 4571, 1.6e-2, 16e3,
+                 "C = 2.1e13: 187k active, 18.7M tokens, vocabulary 2048, 5 layers"),
+            )
+        ),
         # The paper-regime GPU ladder: D = 100 P_act (the paper's ratio), P_tot/P_act ~ 10 with
         # the paper's fine-grained experts (106 routed, top-6, two shared), the paper's Engram
         # shape (orders 2-3, 8 heads per order, d_mem = d_model / 2, at layers 1 and L // 2 - 1),

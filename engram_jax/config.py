@@ -419,6 +419,24 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=2048, d_model=32, n_layers=4, n_heads=4, d_ff=64, seq_len=128,
         moe=MoEConfig(n_routed=42, top_k=2, n_shared=1, d_expert=64),
     ),
+    # The paper-shaped ladder (allocation.BUDGETS "ladder2k-2e12" .. "ladder2k-2e13"): cpu2k-5e12's
+    # regime (vocabulary 2048, d_model 32, top-2 + 1 shared, Engram d_mem = d_model / 2) grown in
+    # depth and expert width, the axes left at d_model 32 (d_mem = d / 2 with 8 heads per order
+    # needs d_model a multiple of 32, and 64 costs 4x). 32 routed experts (E0 - k = 30: P_tot /
+    # P_act 8.3-9.6, the paper's ~10) keep the removed router columns small enough for every rung
+    # to stay within the 2% tolerance from rho 1.0 down to 0.3; cpu2k-5e12's 42 lose 2.4% there.
+    "ladder2k-2e12": ModelConfig(
+        vocab_size=2048, d_model=32, n_layers=3, n_heads=4, d_ff=64, seq_len=128,
+        moe=MoEConfig(n_routed=32, top_k=2, n_shared=1, d_expert=48),
+    ),
+    "ladder2k-5e12": ModelConfig(
+        vocab_size=2048, d_model=32, n_layers=4, n_heads=4, d_ff=64, seq_len=128,
+        moe=MoEConfig(n_routed=32, top_k=2, n_shared=1, d_expert=64),
+    ),
+    "ladder2k-2e13": ModelConfig(
+        vocab_size=2048, d_model=32, n_layers=5, n_heads=4, d_ff=64, seq_len=128,
+        moe=MoEConfig(n_routed=32, top_k=2, n_shared=1, d_expert=112),
+    ),
     # The paper-regime GPU ladder (allocation.BUDGETS "gpu-1e17" .. "gpu-1e18"), shaped like the
     # paper's MoE: 106 fine-grained routed experts of width d_model / 2, top-6, two shared
     # (P_tot/P_act ~ 10, E0 - k = 100), vocabulary 32768, sequences of 1024, 10-14 layers.
