@@ -39,8 +39,14 @@ from analysis.report import ci, decimals, est
 # The paper's gains of the best rho over rho = 1 (docs/paper.md section 2.4): 1.7248 -> 1.7109 at
 # 6e20 [paper, text]; ~1.829 -> ~1.8155 at 2e20 [read off the figure].
 PAPER_GAINS = {2e20: 1.829 - 1.8155, 6e20: 1.7248 - 1.7109}
-# The paper-regime CPU ladder (engram_jax.allocation.BUDGETS), smallest compute first.
+# The paper-regime CPU ladder (engram_jax.allocation.BUDGETS), smallest compute first: vocabulary
+# 512 on pysrc, one narrow Engram head per order. The contrast to the paper-shaped ladder below.
 LADDER = ("cpu-1e12", "cpu-3e12", "cpu-1e13")
+# The paper-shaped ladder: vocabulary 2048 on pywheels-v1, the paper's Engram shape (8 heads per
+# order, d_mem = d_model / 2), 100 tokens per active parameter.
+LADDER_2K = ("ladder2k-2e12", "ladder2k-5e12", "ladder2k-2e13")
+# Every ladder by the name of its figure (results/figures/<name>.png) and README block.
+LADDERS = {"ladder": LADDER, "ladder2k": LADDER_2K}
 # The low-rho tail of a curve: where a U must turn up. Its slope dL/drho is > 0 while moving more
 # of the sparse budget into Engram still lowers the loss and < 0 once it raises it.
 TAIL_RHO = 0.6

@@ -403,11 +403,12 @@ def plan(results: str | Path = "results", *, n_boot: int = 1000,
             if d["grid"].nunique() > 1:
                 out.append(Planned(f"{budget}_allocation_pooled",
                                    partial(plot_allocation, d, n_boot=n_boot)))
-        from analysis.ladder import LADDER
+        from analysis.ladder import LADDERS
 
-        ladder = pooled[pooled["budget"].isin(LADDER)]
-        if not ladder.empty:  # the paper's figure: every ladder budget's curve on one axes
-            out.append(Planned("ladder", partial(_ladder_figure, ladder, n_boot)))
+        for fig_name, budgets in LADDERS.items():
+            ladder = pooled[pooled["budget"].isin(budgets)]
+            if not ladder.empty:  # the paper's figure: every ladder budget's curve on one axes
+                out.append(Planned(fig_name, partial(_ladder_figure, ladder, n_boot)))
     # Engram against OverEncoding, per budget that has both arms (analysis.paper).
     for name in loaded:
         budget = name.removeprefix("memory-engram-")

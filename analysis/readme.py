@@ -30,7 +30,7 @@ import pandas as pd
 
 from analysis import load
 from analysis.fit import fit_u_curve
-from analysis.ladder import LADDER, ladder_report, report_markdown
+from analysis.ladder import LADDER, LADDER_2K, ladder_report, report_markdown
 from analysis.report import est, memory_fit
 
 N_BOOT = 1000
@@ -84,17 +84,27 @@ def block_ladder(results: Path) -> str:
     return "\n".join(lines)
 
 
-def block_ladder_results(results: Path) -> str:
-    frames = [r for r in (_grid(results, n) for n in LADDER) if r is not None]
+def _ladder_results(results: Path, ladder: tuple[str, ...]) -> str:
+    frames = [r for r in (_grid(results, n) for n in ladder) if r is not None]
     if not frames:
         return "No trial of the ladder has finished yet."
     runs = pd.concat(frames, ignore_index=True)
     from engram_jax.allocation import BUDGETS
 
-    n = runs["budget"].value_counts()
-    counts = ", ".join(f"{b}: {n[b]} of {len(BUDGETS[b].rhos) * len(BUDGETS[b].seeds)} trials"
-                       for b in LADDER if b in n)
+    n = runs.loc[runs["status"] == "ok", "budget"].value_counts()
+    counts = ", ".join(f"{b}: {n.get(b, 0)} of {len(BUDGETS[b].rhos) * len(BUDGETS[b].seeds)} "
+                       "trials" for b in ladder)
     return f"Finished: {counts}.\n\n" + report_markdown(ladder_report(runs, n_boot=N_BOOT))
+
+
+def block_ladder_results(results: Path) -> str:
+    """The allocation law across the vocabulary-512 ladder (the contrast)."""
+    return _ladder_results(results, LADDER)
+
+
+def block_ladder2k_results(results: Path) -> str:
+    """The allocation law across the paper-shaped ladder."""
+    return _ladder_results(results, LADDER_2K)
 
 
 def _rho1_by_rate(results: Path, b: str) -> pd.DataFrame:
@@ -114,6 +124,7 @@ def _rho1_by_rate(results: Path, b: str) -> pd.DataFrame:
 LR_CHECKS = (
     *((b, b, f"lr-{b}", f"lr-{b}-rho0.7") for b in LADDER),
     ("cpu2k-5e12", "cpu2k-5e12", "lr-cpu2k-5e12", "lr-cpu2k-5e12-rho0.4"),
+    *((b, b, f"lr-{b}", f"lr-{b}-rho0.3") for b in LADDER_2K),
     ("cpu-3e12, 8 heads/order (pywheels-v1)", None, None, "cand-cpu-3e12-pe-lr"),
 )
 
@@ -226,7 +237,8 @@ def block_diagnostics(results: Path) -> str:
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {
-    "ladder": block_ladder, "ladder-results": block_ladder_results, "lr": block_lr,
+    "ladder": block_ladder, "ladder-results": block_ladder_results,
+    "ladder2k-results": block_ladder2k_results, "lr": block_lr,
     "cpu-small": block_cpu_small, "memory": block_memory, "overencoding": block_overencoding,
     "ablations": block_ablations, "optimizer": block_optimizer,
     "mechanism": block_mechanism, "diagnostics": block_diagnostics,
