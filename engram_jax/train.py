@@ -78,7 +78,7 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
               out_dir: str | Path, report: Callable[[dict], None] | None = None,
               progress: bool = True, meta: dict | None = None,
               sync_checkpoints: bool = False, tokenizer: str | None = None,
-              eos_token: str | None = None) -> dict:
+              eos_token: str | None = None, listing=None) -> dict:
     """Train one model and return its result record (also written to ``out_dir/record.json``).
 
     The steps, each a function below: ``_claim_out_dir`` (a finished run returns its record),
@@ -99,6 +99,8 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
       tokenizer: a user's tokenizer.json or Hugging Face tokenizer folder (None: the own BPE);
         its vocabulary must have ``model_cfg.vocab_size`` ids.
       eos_token: that tokenizer's end-of-document token, when its config names none.
+      listing: the corpus's ``engram_jax.data.check_corpus`` listing, when the caller has just
+        made one (the CLI): the data step then does not list the corpus again.
 
     Raises:
       TrainingDiverged: the loss became NaN/Inf (the message names the step).
@@ -113,7 +115,7 @@ def run_trial(model_cfg: ModelConfig, train_cfg: TrainConfig, *, corpus: str = "
     done = _claim_out_dir(cfg, train_cfg, corpus, out, tok)
     if done is not None:
         return done
-    run = _Run.build(cfg, train_cfg, corpus, out, progress=progress, tok=tok)
+    run = _Run.build(cfg, train_cfg, corpus, out, progress=progress, tok=tok, listing=listing)
     run.sync_checkpoints = sync_checkpoints
     run.train(report)
     val_loss, val_tokens = run.final_eval()
@@ -167,7 +169,7 @@ class _Run:
 
     @classmethod
     def build(cls, cfg: ModelConfig, tcfg: TrainConfig, corpus: str, out: Path, *,
-              progress: bool, tok: dict | None = None) -> _Run:
+              progress: bool, tok: dict | None = None, listing=None) -> _Run:
         """Data (tokenizer, shards, hashing), model and optimizer state, restored from the
         latest checkpoint in ``out`` if there is one."""
         from engram_jax import data as data_lib
@@ -181,7 +183,8 @@ class _Run:
         self.cfg, self.tcfg, self.corpus, self.out, self.progress = cfg, tcfg, corpus, out, progress
         t_data = time.perf_counter()
         self.tok = tok or {}
-        self.data = data_lib.prepare(corpus, cfg.vocab_size, progress=progress, **self.tok)
+        self.data = data_lib.prepare(corpus, cfg.vocab_size, progress=progress, listing=listing,
+                                     **self.tok)
         if progress and _primary():
             print(f"[data] {self.data!r} ready in {time.perf_counter() - t_data:.2f} s "
                   f"({self.data.cache_path})", file=sys.stderr, flush=True)
@@ -489,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # A missing, empty or changed corpus and a tokenizer that does not fit fail here, before
         # any work (a prepared corpus is checked by a stat of its files, not read).
-        data_lib.check_corpus(a.corpus)
+        listing = data_lib.check_corpus(a.corpus)
         if a.tokenizer is not None:
             data_lib.load_tokenizer_spec(a.tokenizer, eos_token=a.eos_token,
                                          vocab_size=cfg.vocab_size)
@@ -502,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_cache.enable(a.compile_cache)
         rec = run_trial(cfg, tcfg, corpus=a.corpus, out_dir=out, progress=not a.no_progress,
                         meta={"preset": a.preset, "rho": a.rho}, tokenizer=a.tokenizer,
-                        eos_token=a.eos_token)
+                        eos_token=a.eos_token, listing=listing)
     except (ValueError, FileNotFoundError, TypeError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

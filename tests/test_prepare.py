@@ -22,6 +22,7 @@ import pytest
 from engram_jax.data import (
     CorpusChanged,
     EntryError,
+    check_corpus,
     prepare,
     prepare_entry,
     resolve_corpus,
@@ -434,3 +435,41 @@ def test_a_worker_killed_mid_task_is_reported_not_waited_for():
         with pytest.raises(WorkerDied, match="killed for memory"):
             w.run(time.sleep, [(4,)] * 4, lambda r: None)
         assert time.perf_counter() - t0 < 4
+
+
+def test_a_checked_listing_is_not_listed_again(mixed, tmp_path, monkeypatch):
+    """check_corpus's listing passed to prepare spares a second walk of the corpus: a trial
+    started from the CLI stats each corpus file once."""
+    from engram_jax.data import cache as cache_mod
+
+    root, _ = mixed
+    first = prepare(str(root), V, cache_dir=tmp_path, progress=False, workers=1)
+    listing = check_corpus(str(root), cache_dir=tmp_path)
+    monkeypatch.setattr(cache_mod, "list_corpus", lambda spec: pytest.fail(f"listed {spec} again"))
+    again = prepare(str(root), V, cache_dir=tmp_path, progress=False, listing=listing)
+    assert again.cache_path == first.cache_path
+    with pytest.raises(ValueError, match="listing is of corpus"):
+        prepare("pystdlib", V, cache_dir=tmp_path, progress=False, listing=listing)
+
+
+def test_the_training_cli_lists_its_corpus_once(mixed, tmp_path, monkeypatch):
+    from engram_jax import train
+    from engram_jax.data import cache as cache_mod
+
+    root, _ = mixed
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
+    calls, seen = [], {}
+    real = cache_mod.list_corpus
+    monkeypatch.setattr(cache_mod, "list_corpus", lambda spec: calls.append(spec) or real(spec))
+
+    def fake_run_trial(cfg, tcfg, **kw):  # what the CLI hands the trial, without training
+        seen.update(kw)
+        return {"val_loss": 0.0, "best_val_loss": 0.0, "train_loss": 0.0, "tokens_per_s": 0.0,
+                "epochs": 0.0, "params_total": 0}
+
+    monkeypatch.setattr(train, "run_trial", fake_run_trial)
+    assert train.main(["--preset", "tiny", "--corpus", str(root), "--steps", "1",
+                       "--out", str(tmp_path / "run"), "--no-progress",
+                       "--host-malloc", "default"]) == 0
+    assert calls == [str(root)]
+    assert seen["listing"] is not None and seen["listing"].spec == str(root)

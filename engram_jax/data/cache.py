@@ -178,6 +178,7 @@ def prepare_entry(
     workers: int | None = None,
     rescan: bool = False,
     unit_bytes: int | None = None,
+    listing: Listing | None = None,
 ) -> tuple[PreparedData, bool]:
     """:func:`prepare`, also saying whether the entry was built by this call."""
     if not 257 <= vocab_size <= 2**32:
@@ -189,7 +190,10 @@ def prepare_entry(
         raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     tok = _tokenizer(tokenizer, eos_token, vocab_size)
     root = _root(cache_dir)
-    listing = list_corpus(spec)
+    if listing is None:
+        listing = list_corpus(spec)
+    elif listing.spec != str(spec):
+        raise ValueError(f"listing is of corpus {listing.spec!r}, not of {spec!r}")
 
     def ready() -> Path | None:
         fp = known_fingerprint(root, listing, rescan=rescan)
@@ -234,6 +238,8 @@ def prepare(spec: str, vocab_size: int, **kwargs) -> PreparedData:
         keep their entry; changed ones get a new entry, the old one is left).
       unit_bytes: bytes of corpus per unit of work (default 64 MiB): the grain of parallelism
         and of resumption; the output does not depend on it.
+      listing: the corpus's listing from :func:`check_corpus` moments before, so that a process
+        that checked the corpus does not walk and stat its files a second time (None: list it).
 
     Returns:
       The prepared data, its token streams memmapped from the cache.
