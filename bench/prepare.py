@@ -166,6 +166,14 @@ def _prepare(corpus, cache, vocab, workers, unit_mb, mb, name, note=""):
         raise RuntimeError(f"{name}: prepare failed ({rc}): {r.err.decode()[-2000:]}")
     print(f"[bench.prepare] {name}: {mb:.0f} MB, {workers} worker(s): {seconds:.1f} s, peak "
           f"{r.peak / 2**20:.0f} MB", file=sys.stderr)
+    if result.get("built"):  # where the time went (engram_jax/data/build.py's steps)
+        try:
+            ph = json.loads((Path(result["entry"]) / "meta.json").read_text())["phase_seconds"]
+            steps = (f"scan {ph['scan']:.1f} s, BPE {ph['bpe']:.1f} s, tokenize "
+                     f"{ph['tokenize']:.1f} s")
+            note = f"{note}; {steps}" if note else steps
+        except (OSError, ValueError, KeyError):
+            pass
     return _row(name, mb, workers, vocab, seconds, result, r.peak, note), result
 
 

@@ -192,8 +192,12 @@ class Build:
                                 "began (files added, removed or modified): run it again")
         units = shards.plan_units(corpus.files, self.unit_bytes)
         n = self.workers if len(units) > 1 else 1
+        phases: dict[str, float] = {}  # seconds of each step this run (a resumed one skips some)
         with Workers(n, one_core=self.workers == 1) as pool:
+            t = time.time()
+            phases["start"] = round(t - t0, 2)
             scan = _read_json(self.partial / "scan.json") or self._scan(corpus, units, pool)
+            phases["scan"] = round(time.time() - t, 2)
             settings = entry_settings(scan["fingerprint"], self.vocab_size, self.val_fraction,
                                       self.tok)
             entry = self.root / entry_name(self.listing.name, settings)
@@ -201,16 +205,20 @@ class Build:
                 self.log(f"{entry.name}: the corpus is unchanged, its prepared entry is used")
                 shutil.rmtree(self.partial, ignore_errors=True)
                 return entry, False
+            t = time.time()
             if not (self.partial / "tokenizer.json").exists():
                 self._tokenizer(units, scan)
+            phases["bpe"] = round(time.time() - t, 2)
+            t = time.time()
             counts = self._tokenize(units, scan, pool)
+            phases["tokenize"] = round(time.time() - t, 2)
         meta = {**settings, "spec": self.listing.spec, "corpus_name": self.listing.name,
                 "eos_id": self.eos_id, "dtype": self.dtype.name,
                 "n_docs_train": scan["n_docs"] - scan["n_docs_val"],
                 "n_docs_val": scan["n_docs_val"], "n_chars": scan["n_chars"],
                 "bpe_docs": len(scan["bpe_keys"]) if self.tok is None else 0,
                 "n_train_tokens": counts["train"], "n_val_tokens": counts["val"],
-                "build_seconds": round(time.time() - t0, 2)}
+                "build_seconds": round(time.time() - t0, 2), "phase_seconds": phases}
         if self.tok is not None:
             meta.update(pad_id=self.tok.pad_id, eos_token=self.tok.eos_token,
                         pad_token=self.tok.pad_token, tokenizer_source=self.tok.source,
@@ -387,5 +395,7 @@ class Build:
             if entry.exists():  # a stale, incomplete entry of an interrupted older build
                 shutil.rmtree(entry)
             os.replace(self.partial, entry)
+        ph = meta["phase_seconds"]
         self.log(f"prepared {entry}: {counts['train']:,} train and {counts['val']:,} val tokens "
-                 f"in {meta['build_seconds']:.0f} s")
+                 f"in {meta['build_seconds']:.0f} s (scan {ph['scan']:.0f} s, tokenizer "
+                 f"{ph['bpe']:.0f} s, tokenize {ph['tokenize']:.0f} s)")
