@@ -67,6 +67,8 @@ def test_prepare_bench_end_to_end(tmp_path):
                                     "trial-startup", "trial-startup-pystdlib"}
     assert re.search(r"2-process speedup \d+\.\d\dx", rows[("ceiling", "2")]["note"])
     assert float(rows[("prepare", "2")]["peak_rss_mb"]) > 0
+    assert re.fullmatch(r"scan [\d.]+ s, BPE [\d.]+ s, tokenize [\d.]+ s",
+                        rows[("prepare", "2")]["note"])
     assert "second run on the finished entry" == rows[("noop", "2")]["note"]
 
 

@@ -444,6 +444,8 @@ def test_a_checked_listing_is_not_listed_again(mixed, tmp_path, monkeypatch):
 
     root, _ = mixed
     first = prepare(str(root), V, cache_dir=tmp_path, progress=False, workers=1)
+    phases = json.loads((first.cache_path / "meta.json").read_text())["phase_seconds"]
+    assert {"scan", "bpe", "tokenize"} <= set(phases) and min(phases.values()) >= 0
     listing = check_corpus(str(root), cache_dir=tmp_path)
     monkeypatch.setattr(cache_mod, "list_corpus", lambda spec: pytest.fail(f"listed {spec} again"))
     again = prepare(str(root), V, cache_dir=tmp_path, progress=False, listing=listing)
