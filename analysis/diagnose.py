@@ -179,12 +179,10 @@ REGIMES = (
     Regime("candidate: the cpu-3e12 shape with 8 heads per order (pywheels-v1)",
            "cand-cpu-3e12-pe-memory", ("cand-cpu-3e12-pe",), pure_moe="diag-b-cpu-3e12-experts"),
     Regime("candidate: cpu2k-5e12 (pywheels-v1)", "cand-cpu2k-5e12-memory", ("cpu2k-5e12",)),
-    # The paper-shaped ladder: the candidate's regime with 32 routed experts. Its memory value is
-    # the candidate's (cand-cpu2k-5e12-memory: the same vocabulary, width, Engram and training,
-    # at the 4-layer backbone of ladder2k-5e12 with 42 routed experts instead of 32).
+    # The paper-shaped ladder: the candidate's regime with 32 routed experts; memory's value is
+    # measured at its middle rung (diag-c-ladder2k-5e12-memory).
     Regime("ladder2k-2e12 (pywheels-v1)", None, ("ladder2k-2e12",)),
-    Regime("ladder2k-5e12 (pywheels-v1)", "cand-cpu2k-5e12-memory", ("ladder2k-5e12",),
-           note="memory value: cpu2k-5e12's backbone (42 routed experts)"),
+    Regime("ladder2k-5e12 (pywheels-v1)", "diag-c-ladder2k-5e12-memory", ("ladder2k-5e12",)),
     Regime("ladder2k-2e13 (pywheels-v1)", None, ("ladder2k-2e13",)),
 )
 
