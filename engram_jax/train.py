@@ -35,12 +35,16 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf."""
 
 
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
+def _git_commit(root: Path | None = None) -> str:
+    """The checkout's commit, ``-dirty`` when a tracked file outside ``results/`` differs from it
+    (the grids write their rows into ``results/`` of the checkout they run from: that is output,
+    not a change of the program)."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)results"], cwd=root,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -176,3 +176,27 @@ def test_trial_logs_the_metrics(tmp_path):
     assert rec["moe_drop_rate"] == pytest.approx(np.mean([r["moe_drop_rate"] for r in logged]))
     assert 0.0 <= rec["val_moe_drop_rate"] <= 1.0 and 0.0 < rec["engram_gate_mean"] < 1.0
     assert rec["mfu"] is None and rec["peak_tflops_rated"] is None  # the CPU has no rated peak
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_results(tmp_path):
+    """A grid writing its rows into results/ of its checkout leaves the commit clean; an edit
+    anywhere else marks it -dirty."""
+    import subprocess
+
+    from engram_jax.train import _git_commit
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results" / "g").mkdir(parents=True)
+    (tmp_path / "results" / "g" / "runs.csv").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    sha = _git_commit(tmp_path)
+    assert len(sha) == 40
+    (tmp_path / "results" / "g" / "runs.csv").write_text("a\nb\n")
+    assert _git_commit(tmp_path) == sha
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _git_commit(tmp_path) == sha + "-dirty"
