@@ -42,6 +42,7 @@ def test_tiny_bench_writes_csv(tmp_path):
     assert "measured in this run" in res.notes[0]  # CPU MFU is against a CPU peak, said so
 
 
+@pytest.mark.slow
 def test_offload_part_runs(tmp_path):
     run("tiny", "offload", tmp_path)
     rows = {r["name"]: r for r in _rows(next(tmp_path.glob("*.csv")))}
@@ -104,6 +105,7 @@ def test_committed_bench_is_internally_consistent(name):
     _consistent(_rows(Path(__file__).resolve().parent.parent / "results" / "bench" / name))
 
 
+@pytest.mark.slow
 def test_tiny_bench_with_a_grid_is_consistent_and_keeps_other_runs(tmp_path):
     """Two runs into one file: each keeps its own peak, every ratio recomputes from its rows."""
     run("tiny", "offload", tmp_path)
@@ -131,6 +133,7 @@ def test_breakdown_flops_add_up_to_the_model_count():
         assert parts == pytest.approx(f["step"], rel=1e-12), name
 
 
+@pytest.mark.slow
 def test_breakdown_part_runs(tmp_path):
     run("tiny", "breakdown", tmp_path)
     rows = _rows(next(tmp_path.glob("*.csv")))
@@ -144,6 +147,7 @@ def test_breakdown_part_runs(tmp_path):
     _consistent(rows)
 
 
+@pytest.mark.slow
 def test_profile_attributes_the_traced_ops_to_the_model_parts():
     """``bench.profile`` on the smoke budget's hybrid: every part of the model shows up with
     forward and backward time, and the named parts hold most of the traced time (were the scopes
@@ -162,6 +166,7 @@ def test_profile_attributes_the_traced_ops_to_the_model_parts():
     assert r["step_ms"] > 0
 
 
+@pytest.mark.slow
 def test_matmul_ceiling_collects_every_matmul_of_the_step():
     """``bench.dots`` on the smoke hybrid: the step's matmuls (forward, backward, custom VJPs
     included) do at least the model's counted FLOPs (capacity slots add some), take part of the

@@ -156,6 +156,7 @@ FAULT = MICRO.replace("rho: [1.0, 0.6]", "rho: [0.6]").replace("steps: 4", "step
     "eval_every: 2", "eval_every: 4")
 
 
+@pytest.mark.slow
 def test_trial_survives_a_hard_killed_node(corpus, tmp_path, short_tmp, env):  # noqa: F811
     from sweeps.grid import load_grid
 

@@ -85,6 +85,7 @@ def test_muon_labels_by_name():
     assert {"table", "proj", "w_router", "wo", "w_v", "conv_w"} <= names
 
 
+@pytest.mark.slow
 def test_muon_step_groups():
     """Adam leaves take the closed-form AdamW step of their group (tables 5x, no decay); Muon
     leaves take an orthogonalised, RMS-scaled step with decoupled decay."""
@@ -209,6 +210,7 @@ def test_muon_is_a_late_train_option():
         TrainConfig(optimizer="sgd")
 
 
+@pytest.mark.slow
 def test_muon_state_checkpoint_round_trip(tmp_path):
     """Muon's optimizer state (momenta, masked leaves) survives the orbax checkpoint a resumed
     trial restores from, bit for bit."""

@@ -115,6 +115,7 @@ def test_notebook_on_synthetic_grids(name, fake_results, monkeypatch):
         assert abs(a - TRUE_ALPHA) < 0.03 and lo <= TRUE_ALPHA <= hi, (a, lo, hi)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_on_repo_results(name, monkeypatch):
     monkeypatch.delenv("ENGRAM_RESULTS", raising=False)

@@ -240,6 +240,7 @@ def test_lookup_without_memory_is_an_error():
         model(jnp.asarray(ids), {k: jnp.asarray(v) for k, v in default_hash_fn(off)(ids).items()})
 
 
+@pytest.mark.slow
 def test_run_trial_with_offloaded_tables(tmp_path):
     from engram_jax.train import run_trial
 
@@ -249,6 +250,7 @@ def test_run_trial_with_offloaded_tables(tmp_path):
     assert math.isfinite(rec["val_loss"]) and rec["params_total"] == off.param_counts()["total"]
 
 
+@pytest.mark.slow
 def test_offloaded_run_resumes_to_the_uninterrupted_result(tmp_path):
     """Host tables are checkpointed with the device state: an interrupted offloaded run resumes
     to exactly the losses of an uninterrupted one."""

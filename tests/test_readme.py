@@ -111,6 +111,7 @@ def test_check_passes_on_fits_perturbed_as_another_machine_would(rendered, monke
     assert moved > 0.002, moved
 
 
+@pytest.mark.slow
 def test_check_fails_when_a_committed_result_changes(rendered, monkeypatch):
     """One seed of one table size of the Engram memory grid 0.02 nats worse (a real change of a
     committed result): the block that summarises it no longer passes."""

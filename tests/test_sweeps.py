@@ -273,6 +273,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(corpus, tmp
         assert max(step for step, _ in scalars["ray/tune/train_loss"]) == 4, tid
 
 
+@pytest.mark.slow
 def test_hard_killed_grid_continues_on_a_fresh_checkout(corpus, tmp_path, ray_env):
     """SIGKILL the driver's whole process group once the first trial's row is in runs.csv, keep
     only what a commit holds (runs.csv, curves/, README.md, grid.json), rerun: only the missing

@@ -174,6 +174,7 @@ def _curve(path: Path) -> list[dict]:
 TRACKED = MICRO.replace("rho: [1.0, 0.6]", "rho: [0.6]")
 
 
+@pytest.mark.slow
 def test_micro_grid_tracked_by_tensorboard_mlflow_and_wandb(corpus, tmp_path, ray_env,  # noqa: F811
                                                            monkeypatch, capsys):
     from sweeps.run import main

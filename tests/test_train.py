@@ -55,6 +55,7 @@ def test_cli_trains_on_builtin_corpus(tmp_path):
     assert rec["tokens_seen"] == 150 * 16 * 64 and rec["epochs"] > 0
 
 
+@pytest.mark.slow
 def test_cli_trains_on_unseen_text_directory(tmp_path, text_dir):
     out = tmp_path / "run"
     cli("--preset", "tiny", "--corpus", str(text_dir), "--steps", "80", "--out", str(out),
