@@ -9,8 +9,10 @@ corpus of a quarter of it for the memory comparison) in a temporary folder, then
 - ``prepare``: seconds, tokens/s and MB/s of corpus at each of ``--workers`` (default 1 and 2),
   and the peak resident memory of the whole process tree (the CLI and its workers: /proc sampled
   every 50 ms, RSS summed over the tree);
-- ``ceiling``: the tokenizer alone (one core per process) on the same ~24 MB in 1 process and then
-  in N at once: the speedup N perfectly parallel workers could reach on this machine;
+- ``ceiling``: the tokenizer alone (one core per process, the workers' own call: batches of
+  ``ENCODE_BATCH_CHARS`` through ``encode_batch_fast``) on the same ~24 MB in 1 process and then
+  in N at once: the speedup N perfectly parallel workers could reach on this machine
+  (``--only ceiling`` reruns this row alone);
 - ``memory-quarter``: the same at a quarter of the size (flat memory: the peak does not grow with
   the corpus);
 - ``resume``: a run killed (SIGKILL to its process group) once a third of the units are
@@ -177,14 +179,27 @@ def _prepare(corpus, cache, vocab, workers, unit_mb, mb, name, note=""):
     return _row(name, mb, workers, vocab, seconds, result, r.peak, note), result
 
 
+# The workers' own call (engram_jax/data/shards.py tokenize_unit): batches of about
+# ENCODE_BATCH_CHARS characters through encode_batch_fast (no offsets), where it exists.
 _KERNEL = """
 import sys, time
 from tokenizers import Tokenizer
+from engram_jax.data.shards import ENCODE_BATCH_CHARS
 tok = Tokenizer.from_file(sys.argv[1])
+tok.encode_special_tokens = True
+encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
 texts = [open(p, encoding="utf-8", errors="replace").read() for p in sys.argv[2:]]
+batches, cur, n = [], [], 0
+for x in texts:
+    cur.append(x)
+    n += len(x)
+    if n >= ENCODE_BATCH_CHARS:
+        batches.append(cur)
+        cur, n = [], 0
+batches.append(cur)
 t = time.perf_counter()
-for i in range(0, len(texts), 256):
-    tok.encode_batch(texts[i:i + 256], add_special_tokens=False)
+for b in batches:
+    encode(b, add_special_tokens=False)
 print(time.perf_counter() - t)
 """
 
@@ -222,6 +237,15 @@ def kernel_scaling(tokenizer: Path, corpus: Path, n: int, mb: float = 24.0) -> d
                     f"{n}-process speedup {ceiling:.2f}x (the most {n} workers can reach here)")
     row.update(mb_per_s=round(n * total / 1e6 / tn, 2))
     return row
+
+
+def ceiling_only(work: Path, *, source: str, vocab: int, n: int, gigabytes: float = 0.03) -> dict:
+    """The ``ceiling`` row alone: a corpus of the source's files (30 MB, or ``--gigabytes`` if
+    less) prepared with one worker for its tokenizer, then :func:`kernel_scaling` on it."""
+    corpus = work / "corpus-ceiling"
+    mb = build_corpus(corpus, gigabytes, source) / 1e6
+    _, res = _prepare(corpus, work / "cache-ceiling", vocab, 1, None, mb, "ceiling-tokenizer")
+    return kernel_scaling(Path(res["entry"]) / "tokenizer.json", corpus, n)
 
 
 def _sha(path: Path) -> str:
@@ -345,9 +369,11 @@ fresh cache each time, on a machine of {os.cpu_count()} CPUs (commit {stamp['git
 
 - `prepare`: the whole preparation (scan, BPE training on the sample, tokenization) at each
   number of workers; tokens = train + validation tokens; MB/s of corpus.
-- `ceiling`: the tokenizer alone, one core each, on the same ~24 MB in one process and then in
-  as many processes at once as the largest worker count: the speedup that many perfectly
-  parallel workers could reach on this machine (the workers' speedup is read against it).
+- `ceiling`: the tokenizer alone, one core each and called as the workers call it (batches of
+  about a million characters through `encode_batch_fast`), on the same ~24 MB in one process and
+  then in as many processes at once as the largest worker count: the speedup that many perfectly
+  parallel workers could reach on this machine (the workers' speedup is read against it;
+  `--only ceiling` reruns this row alone).
 - `memory-quarter`: the same at a quarter of the corpus: the peak resident memory of the
   process tree (the CLI and its workers) should be about that of the full size.
 - `resume`: the rerun after a SIGKILL once a third of the units were appended.
@@ -369,13 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "prepare"))
     ap.add_argument("--work", default=None,
                     help="folder for the corpora and caches (default: a temporary one, removed)")
+    ap.add_argument("--only", choices=["ceiling"], default=None,
+                    help="rerun one measurement alone and merge its row: ceiling (a minute: the "
+                         "tokenizer of a 30 MB preparation, as the workers call it)")
     a = ap.parse_args(argv)
     a.workers = [int(w) for w in str(a.workers).split(",")]
     if a.gigabytes <= 0 or min(a.workers) < 1:
         ap.error("--gigabytes must be positive and every worker count >= 1")
     with tempfile.TemporaryDirectory(prefix="bench-prepare-", dir=a.work) as work:
-        rows = measure(Path(work), gigabytes=a.gigabytes, source=a.source, vocab=a.vocab,
-                       workers=a.workers, unit_mb=a.unit_mb)
+        if a.only == "ceiling":
+            rows = [ceiling_only(Path(work), source=a.source, vocab=a.vocab, n=max(a.workers),
+                                 gigabytes=min(a.gigabytes, 0.03))]
+        else:
+            rows = measure(Path(work), gigabytes=a.gigabytes, source=a.source, vocab=a.vocab,
+                           workers=a.workers, unit_mb=a.unit_mb)
     write(rows, Path(a.out), a)
     for r in rows:
         print(json.dumps({k: r[k] for k in COLUMNS[:10]}))

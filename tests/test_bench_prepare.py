@@ -90,3 +90,13 @@ def test_build_corpus_copies_are_all_read_by_the_path_corpus(tmp_path, monkeypat
     assert sum(p.stat().st_size for p in copied) == total >= 30_000
     assert not any("site-packages" in p.parts for p in copied)
     assert sum(f.size for f in resolve_corpus(str(tmp_path / "big")).files) == total
+
+
+def test_ceiling_only_merges_one_row(tmp_path):
+    src = _corpus(tmp_path / "src", 30)
+    out = tmp_path / "out"
+    assert bench_prepare.main(["--only", "ceiling", "--gigabytes", "0.0004", "--source", str(src),
+                               "--vocab", "300", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "prepare.csv").open()))
+    assert [r["measurement"] for r in rows] == ["ceiling"]
+    assert re.search(r"2-process speedup \d+\.\d\dx", rows[0]["note"])
