@@ -6,7 +6,8 @@ calls the optimum "stable". Here, for every budget of a ladder of allocation gri
 * ``rho*`` with its interval from :func:`analysis.fit.fit_u_curve`, or its plain answer "no
   interior optimum";
 * the gain of the best measured point over the pure MoE, ``L(1.0) - L(best)``, with a seed-level
-  bootstrap interval and in units of the seed standard deviation (pooled over rho);
+  bootstrap interval and in units of the seed standard deviation (pooled over rho), and the same
+  gain relative to ``L(1.0)`` (the paper's is 0.8%: 1.7248 -> 1.7109 at 6e20);
 * the tail slope, ``dL/drho`` of the means at rho <= 0.6 (least squares, same bootstrap): where a
   U must turn up. Positive while moving more of the sparse budget into Engram still helps; a
   slope that falls toward zero across budgets is a curve flattening before any interior optimum;
@@ -18,8 +19,12 @@ MoE's active parameters and ``D`` the training tokens):
 * loss against ``C`` at rho = 1 and at each budget's best rho, and the gain against ``C``, each a
   power law ``y = a C^b`` fitted in log-log space, with intervals from a bootstrap that resamples
   seeds within every (budget, rho) cell, so the whole chain (means, best rho, fit) is redone;
-* that gain law extrapolated to the paper's budgets, beside the paper's measured gains. Over seven
-  decades an extrapolation from one decade says little: its interval is the honest part.
+* that gain law extrapolated to the paper's budgets, beside the paper's measured gains, with the
+  decades the fit spans and the decades it is carried beyond them. Over seven decades an
+  extrapolation from one decade says little: its interval is the honest part.
+
+The laws need ``MIN_LAW_BUDGETS`` budgets with at least two seeds each: a power law through two
+points fits them exactly, so nothing would test its form.
 
 No JAX here: everything comes from ``runs.csv`` tables.
 """
@@ -50,6 +55,8 @@ LADDERS = {"ladder": LADDER, "ladder2k": LADDER_2K}
 # The low-rho tail of a curve: where a U must turn up. Its slope dL/drho is > 0 while moving more
 # of the sparse budget into Engram still lowers the loss and < 0 once it raises it.
 TAIL_RHO = 0.6
+# Budgets (each with >= 2 seeds) before any law in C is fitted or extrapolated.
+MIN_LAW_BUDGETS = 3
 NAN = float("nan")
 
 
@@ -97,8 +104,9 @@ def _gains(means: pd.DataFrame) -> pd.DataFrame:
         tail = g[g["rho"] <= TAIL_RHO + 1e-9]
         slope = (float(np.polyfit(tail["rho"], tail["val_loss"], 1)[0])
                  if tail["rho"].nunique() >= 2 else NAN)
+        gain = l1 - float(best["val_loss"])
         rows.append({"budget": b, "L1": l1, "best_rho": float(best["rho"]),
-                     "L_best": float(best["val_loss"]), "gain": l1 - float(best["val_loss"]),
+                     "L_best": float(best["val_loss"]), "gain": gain, "rel_gain": gain / l1,
                      "tail_slope": slope})
     return pd.DataFrame(rows)
 
@@ -151,6 +159,7 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
         out["fits"][b] = f
         sd = float(np.sqrt(g.groupby("rho")["val_loss"].var(ddof=1).dropna().mean()))
         gains = np.array([bt.loc[b, "gain"] for bt in boot])
+        rels = np.array([bt.loc[b, "rel_gain"] for bt in boot])
         tails = np.array([bt.loc[b, "tail_slope"] for bt in boot])
         tails = tails[np.isfinite(tails)]
         p = point.loc[b]
@@ -161,6 +170,9 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
             "L1": p["L1"], "best_rho": p["best_rho"], "L_best": p["L_best"], "gain": p["gain"],
             "gain_lo": float(np.percentile(gains, z_lo)) if n_boot else NAN,
             "gain_hi": float(np.percentile(gains, z_hi)) if n_boot else NAN,
+            "rel_gain": p["rel_gain"],
+            "rel_gain_lo": float(np.percentile(rels, z_lo)) if n_boot else NAN,
+            "rel_gain_hi": float(np.percentile(rels, z_hi)) if n_boot else NAN,
             "seed_sd": sd, "gain_sd": p["gain"] / sd if sd > 0 else NAN,
             "tail_slope": p["tail_slope"],
             "tail_lo": float(np.percentile(tails, z_lo)) if len(tails) else NAN,
@@ -176,9 +188,13 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
 
     # Laws across budgets use only budgets with at least two seeds: one seed has no seed interval,
     # and its point would make the law's interval look narrower than the data allow.
+    # And at least MIN_LAW_BUDGETS of them: through two points any power law fits exactly.
     use = (per["n_seeds"] >= 2).to_numpy()
     out["law_budgets"] = list(per.loc[use, "budget"])
+    if use.sum() < MIN_LAW_BUDGETS:
+        use = np.zeros_like(use)
     Cs = per["C"].to_numpy()[use]
+    out["law_decades"] = float(np.log10(Cs.max() / Cs.min())) if len(Cs) else NAN
     for key in ("L1", "L_best", "gain"):
         est = _loglog(Cs, per[key].to_numpy()[use])
         reps = (np.array([_loglog(Cs, bt[key].to_numpy()[use]) for bt in boot]) if n_boot
@@ -198,15 +214,19 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
                     "lo": float(np.percentile(pred, z_lo)) if len(pred) else NAN,
                     "hi": float(np.percentile(pred, z_hi)) if len(pred) else NAN,
                     "paper": PAPER_GAINS.get(C, NAN),
-                    "decades": math.log10(C / Cs.max()) if len(Cs) else NAN})
+                    "decades": math.log10(C / Cs.max()) if len(Cs) else NAN,
+                    "fit_decades": out["law_decades"]})
     out["extrapolation"] = pd.DataFrame(ext)
     out["gain_trend"] = _trend(per, gain, level)
     return out
 
 
 def _trend(per: pd.DataFrame, gain: dict, level: float) -> str:
-    if (per["n_seeds"] >= 2).sum() < 2:
+    n = int((per["n_seeds"] >= 2).sum())
+    if n < 2:
         return "one budget: no trend"
+    if n < MIN_LAW_BUDGETS:
+        return f"{n} budgets: no law fitted (it needs {MIN_LAW_BUDGETS})"
     if not math.isfinite(gain["b"]):
         return "the gain is not positive at every budget: no power law"
     lo, hi = gain["b_ci"]
@@ -224,10 +244,10 @@ def report_markdown(rep: dict[str, Any]) -> str:
     if per.empty:
         return "no allocation grids with finished trials"
     lines = ["| budget | C = 6 P_act D | rho values x seeds | L(1.0) | best rho | L(best) "
-             "| gain L(1.0) - L(best) [95%] | seed sd "
+             "| gain L(1.0) - L(best) [95%] | relative gain [95%] | seed sd "
              f"| tail slope dL/drho at rho <= {TAIL_RHO:g} [95%] "
              "| rho* [95%] | L(rho*) - L(1.0) in seed sd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in per.itertuples():
         why = str(r.reason).removeprefix("no interior optimum: ")
         rho = (est(r.rho_star, r.ci_low, r.ci_high) if r.is_u_shaped
@@ -235,12 +255,14 @@ def report_markdown(rep: dict[str, Any]) -> str:
         seeds = r.n_seeds >= 2 and math.isfinite(r.seed_sd)
         gain = (est(r.gain, r.gain_lo, r.gain_hi) if seeds
                 else f"{r.gain:.4f} (one seed: no interval)")
+        rel = (f"{100 * r.rel_gain:.1f}% [{100 * r.rel_gain_lo:.1f}%, {100 * r.rel_gain_hi:.1f}%]"
+               if seeds else f"{100 * r.rel_gain:.1f}%")
         tail = ("-" if not math.isfinite(r.tail_slope) else
                 est(r.tail_slope, r.tail_lo, r.tail_hi, sign=True) if seeds
                 else f"{r.tail_slope:+.4f}")
         lines.append(
             f"| {r.budget} | {r.C:.3g} | {r.n_rho} x {r.n_seeds} | {r.L1:.4f} | {r.best_rho:.1f} "
-            f"| {r.L_best:.4f} | {gain} | {f'{r.seed_sd:.4f}' if seeds else '-'} | {tail} "
+            f"| {r.L_best:.4f} | {gain} | {rel} | {f'{r.seed_sd:.4f}' if seeds else '-'} | {tail} "
             f"| {rho} | {f'{r.dl_star_sd:+.1f}' if seeds else '-'} |")
     if len(rep.get("law_budgets", [])) < 2:
         return "\n".join(lines + ["", "Across budgets: nothing to fit until a second budget has "
@@ -252,16 +274,22 @@ def report_markdown(rep: dict[str, Any]) -> str:
         math.isfinite(ovc.get("b_se", NAN)) else
         (f"slope {ovc['b']:.3f} per decade (no interval: {ovc['reason']})" if ovc.get("ok")
          else f"not fitted ({ovc.get('reason', '')})"))]
+    if not len(rep["extrapolation"]) or not math.isfinite(rep.get("law_decades", NAN)):
+        return "\n".join(lines + ["", f"Laws in C: not fitted. {len(rep['law_budgets'])} budgets "
+                                       "have finished trials of at least two seeds; a power law "
+                                       f"needs {MIN_LAW_BUDGETS}, since through two points any "
+                                       "fits exactly."])
     lines += ["", "| law (y = a C^b) | b | 95% interval of b |", "|---|---|---|"]
     names = {"L1": "loss at rho = 1.0", "L_best": "loss at the best rho", "gain": "gain"}
     for k, law in rep["laws"].items():
         d = decimals(*law["b_ci"])
         lines.append(f"| {names[k]} | {law['b']:.{d}f} | {ci(*law['b_ci'])} |")
     lines += ["", rep["gain_trend"] + ".", "",
-              "| C | extrapolated gain [95%] | decades beyond the ladder | paper |", "|---|---|---|---|"]
+              "| C | extrapolated gain [95%] | decades the fit spans | decades beyond the ladder "
+              "| paper |", "|---|---|---|---|---|"]
     for r in rep["extrapolation"].itertuples():
         lines.append(f"| {r.C:.0e} | {_small(r.gain)} [{_small(r.lo)}, {_small(r.hi)}] "
-                     f"| {r.decades:.1f} | {r.paper:.4f} |")
+                     f"| {r.fit_decades:.2f} | {r.decades:.1f} | {r.paper:.4f} |")
     return "\n".join(lines)
 
 

@@ -25,6 +25,8 @@ def test_ladder_report_recovers_the_truth(runs):
     for r in per.itertuples():
         assert r.is_u_shaped and r.ci_low <= 0.78 <= r.ci_high, r
         assert r.gain_lo <= r.gain <= r.gain_hi and r.gain > 0
+        assert r.rel_gain == pytest.approx(r.gain / r.L1)
+        assert r.rel_gain_lo <= r.rel_gain <= r.rel_gain_hi
         assert r.n_rho == 7 and r.n_seeds == 3
         # loss = L_b + 0.3 (rho - 0.78)^2 at rho 0.4, 0.5, 0.6: least-squares slope
         # 2 * 0.3 * (0.5 - 0.78) = -0.168 exactly (a parabola's secant slopes are linear in rho).
@@ -39,6 +41,8 @@ def test_ladder_report_recovers_the_truth(runs):
     ext = rep["extrapolation"]
     assert list(ext["C"]) == list(PAPER_GAINS) and (ext["lo"] <= ext["gain"]).all()
     assert (ext["gain"] <= ext["hi"]).all() and (ext["decades"] > 3).all()
+    span = np.log10(per["C"].max() / per["C"].min())
+    assert np.allclose(ext["fit_decades"], span) and rep["law_decades"] == pytest.approx(span)
     text = report_markdown(rep)
     assert "| small |" in text and "rho* against compute" in text and "6e+20" in text
     assert "tail slope dL/drho at rho <= 0.6" in text
@@ -61,6 +65,22 @@ def test_a_budgets_intervals_do_not_depend_on_the_other_budgets(runs):
     assert list(part.index) == ["small", "medium"]
     assert part.loc["small"].equals(full.loc["small"])
     assert not part.loc["medium"].equals(full.loc["medium"])  # its own seeds did change
+
+
+def test_two_budgets_fit_no_law(runs):
+    """Through two budgets any power law fits exactly: nothing is fitted or extrapolated, and the
+    report says why, while each budget's own answers stay."""
+    from analysis.ladder import MIN_LAW_BUDGETS
+
+    assert MIN_LAW_BUDGETS == 3
+    rep = ladder_report(runs[runs["budget"] != "large"], n_boot=40)
+    assert list(rep["per_budget"]["budget"]) == ["small", "medium"]
+    assert all(np.isnan(law["b"]) and len(law["boot"]) == 0 for law in rep["laws"].values())
+    assert rep["extrapolation"]["gain"].isna().all()
+    assert rep["gain_trend"] == "2 budgets: no law fitted (it needs 3)"
+    text = report_markdown(rep)
+    assert "Laws in C: not fitted. 2 budgets" in text and "extrapolated gain" not in text
+    assert "| small |" in text and "%]" in text  # the relative gain keeps its interval
 
 
 def test_tiny_extrapolated_gains_are_not_printed_as_zero():
