@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -49,6 +50,22 @@ def _git_commit(root: Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("ENGRAM_GIT_COMMIT", "unknown")
+
+
+def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The host's CPU model and core count ("Intel(R) Xeon(R) Processor x 2"), for provenance:
+    on the CPU ``device_kind`` is just "cpu", and the same trial rerun on another CPU model
+    does not reproduce bit for bit (XLA's kernels and their rounding differ)."""
+    model = ""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown"
+    return f"{model} x {os.cpu_count() or '?'}"
 
 
 def resolve_dtype(cfg: ModelConfig, tcfg: TrainConfig) -> ModelConfig:
@@ -387,7 +404,7 @@ class _Run:
                 final, self.eval_stats, cfg, peak=self.peak, n_devices=self.n_devices,
                 tokens_per_s=self.tokens_timed / self.seconds_timed if self.seconds_timed > 0 else None),
             "wall_s": time.time() - t_start, "device_kind": jax.devices()[0].device_kind,
-            "platform": jax.default_backend(), "git_commit": _git_commit(),
+            "host_cpu": host_cpu(), "platform": jax.default_backend(), "git_commit": _git_commit(),
             "jax_version": jax.__version__, "flax_version": __import__("flax").__version__,
             "optax_version": __import__("optax").__version__,
             "corpus": self.corpus, "corpus_fingerprint": self.data.fingerprint,

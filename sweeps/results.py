@@ -132,6 +132,7 @@ def write_readme(out: Path, grid: Grid, rows: list[dict], command: str, ray_vers
     ok = [r for r in rows if r["status"] == "ok"]
     dev = sorted({str(r.get("device_kind")) for r in ok}) or ["(no finished trial)"]
     commits = sorted({str(r.get("git_commit")) for r in ok}) or [_git_commit()]
+    hosts = sorted({str(r["host_cpu"]) for r in ok if r.get("host_cpu")})
     versions = {
         "python": platform.python_version(), "ray": ray_version,
         **{p: _version(p) for p in ("jax", "flax", "optax", "numpy", "tokenizers")},
@@ -146,6 +147,7 @@ def write_readme(out: Path, grid: Grid, rows: list[dict], command: str, ray_vers
         f"- command: `{command}`",
         f"- git commit: {', '.join(commits)}",
         f"- device kind: {', '.join(dev)}",
+        *([f"- host CPU: {'; '.join(hosts)}"] if hosts else []),
         f"- written: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- trials: {len(ok)} of {len(rows)} finished",

@@ -199,7 +199,7 @@ def test_micro_grid_runs_on_ray_and_refuses_to_overwrite(corpus, tmp_path, ray_e
     assert all(r["status"] == "ok" and float(r["val_loss"]) > 0 for r in rows)
     assert rows[1]["n_routed"] == "26" and int(rows[1]["engram_slots"]) > 0
     for col in ("rho_actual", "config_hash", "params_active", "flops_per_token", "tokens_per_s",
-                "epochs", "git_commit", "ray_version", "corpus_fingerprint"):
+                "epochs", "git_commit", "ray_version", "corpus_fingerprint", "host_cpu"):
         assert rows[0][col] != "", col
     for r in rows:
         curve = _rows(out / "curves" / f"{r['trial_id']}.csv")
@@ -207,6 +207,7 @@ def test_micro_grid_runs_on_ray_and_refuses_to_overwrite(corpus, tmp_path, ray_e
         assert curve[-1]["step"] == "4"
     readme = (out / "README.md").read_text()
     assert "sweeps.run" in readme and "ray 2." in readme and "device kind: cpu" in readme
+    assert f"- host CPU: {rows[0]['host_cpu']}" in readme
     assert (out / ".gitignore").read_text().count("ray/") == 1
     # Everything a trial left lives in Tune's storage (default: <grid>/ray): the last checkpoint
     # of a finished trial holds its record; no trial wrote into the results directory.

@@ -200,3 +200,22 @@ def test_git_commit_is_dirty_for_code_changes_not_for_results(tmp_path):
     assert _git_commit(tmp_path) == sha
     (tmp_path / "code.py").write_text("x = 2\n")
     assert _git_commit(tmp_path) == sha + "-dirty"
+
+
+def test_host_cpu_names_the_model_and_cores(tmp_path):
+    """Rows say which CPU made them: device_kind is only "cpu" there, and a rerun on another
+    CPU model does not reproduce bit for bit."""
+    import os
+    import platform
+
+    from engram_jax.train import host_cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n"
+                    "model name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz\nflags\t: fpu\n"
+                    "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz\n")
+    assert host_cpu(info) == f"Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz x {os.cpu_count()}"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # no model line (some arm64 hosts)
+    fallback = platform.processor() or platform.machine() or "unknown"
+    assert host_cpu(info) == f"{fallback} x {os.cpu_count()}"
+    assert host_cpu(tmp_path / "absent").endswith(f" x {os.cpu_count()}")
