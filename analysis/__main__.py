@@ -93,7 +93,11 @@ def cmd_plots(args: argparse.Namespace) -> int:
         print(f"no results/<grid>/runs.csv under {args.results!s} yet: nothing to plot "
               "(run `make sweep` first)")
         return 0
-    written = plots.make_all(args.results, args.out, n_boot=args.n_boot)
+    try:
+        written = plots.make_all(args.results, args.out, n_boot=args.n_boot, only=args.only)
+    except plots.NoSuchFigure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for p in written:
         print(p)
     print(f"{len(written)} files from {len(grids)} grid(s)")
@@ -112,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results")
     p.add_argument("--out", default=None, help="default: <results>/figures")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--only", action="append", metavar="PATTERN",
+                   help="draw only the figures whose stem matches this shell pattern "
+                        "(repeatable), e.g. --only ladder2k --only 'ladder2k-2e13_*'")
     p.set_defaults(func=cmd_plots)
     sub.add_parser("readme", add_help=False,
                    help="rewrite (or --check) the README's generated results tables; "

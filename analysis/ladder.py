@@ -238,6 +238,12 @@ def _trend(per: pd.DataFrame, gain: dict, level: float) -> str:
             f"{share:.0%} of bootstrap replicates had a positive gain at every budget)")
 
 
+def _unfit(reason: Any) -> bool:
+    """Too few points to fit (a budget whose grid is still running): no answer yet, which is
+    not the answer "no interior optimum"."""
+    return str(reason).startswith(("needs ", "missing "))
+
+
 def report_markdown(rep: dict[str, Any]) -> str:
     """The ladder's answers as Markdown tables (the README's results section is built from it)."""
     per = rep["per_budget"]
@@ -251,7 +257,7 @@ def report_markdown(rep: dict[str, Any]) -> str:
     for r in per.itertuples():
         why = str(r.reason).removeprefix("no interior optimum: ")
         rho = (est(r.rho_star, r.ci_low, r.ci_high) if r.is_u_shaped
-               else f"no interior optimum ({why})")
+               else f"not fitted yet ({why})" if _unfit(r.reason) else f"no interior optimum ({why})")
         seeds = r.n_seeds >= 2 and math.isfinite(r.seed_sd)
         gain = (est(r.gain, r.gain_lo, r.gain_hi) if seeds
                 else f"{r.gain:.4f} (one seed: no interval)")
@@ -332,8 +338,13 @@ def plot_ladder(runs: pd.DataFrame, rep: dict[str, Any]):
         u = per[per["is_u_shaped"]]
         b.errorbar(u["C"], u["rho_star"], yerr=[u["rho_star"] - u["ci_low"], u["ci_high"] - u["rho_star"]],
                    fmt="D", ms=3, color=style.OPTIMUM, capsize=2, lw=0.8, label=r"$\rho^*$ [95%]")
-        for r in per[~per["is_u_shaped"]].itertuples():
-            b.annotate("no interior\noptimum", (r.C, 0.5), fontsize=5, ha="center", color="0.4")
+        unfit = per["reason"].map(_unfit).astype(bool)
+        edge = per[~per["is_u_shaped"] & ~unfit]
+        if len(edge):  # where the loss is lowest when no valley fits: at the grid's edge, so far
+            b.plot(edge["C"], edge["best_rho"], "v", ms=3.5, mfc="none", color="0.35", lw=0,
+                   label="no interior optimum:\nlowest mean")
+        for r in per[unfit].itertuples():
+            b.annotate("not fitted\nyet", (r.C, 0.55), fontsize=5, ha="center", color="0.4")
         ovc = rep["optimum_vs_compute"]
         if ovc.get("ok"):
             xx = np.logspace(np.log10(per["C"].min()) - 0.1, np.log10(per["C"].max()) + 0.1, 50)

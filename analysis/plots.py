@@ -12,6 +12,7 @@ their last digits draw the same pixels; bootstrap bands use fixed seeds.
 
 from __future__ import annotations
 
+import fnmatch
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -437,23 +438,37 @@ def figure_files(results: str | Path = "results", *, grids: Sequence[str] | None
     return [f for p in plan(results, grids=grids) for f in p.files()]
 
 
+class NoSuchFigure(ValueError):
+    """``make_all(only=...)`` was given a pattern that names no figure."""
+
+
 def make_all(results: str | Path = "results", out: str | Path | None = None, *,
-             n_boot: int = 1000) -> list[Path]:
+             n_boot: int = 1000, only: Sequence[str] | None = None) -> list[Path]:
     """Regenerates every figure from every ``<results>/<grid>/runs.csv``.
 
     Args:
         results: the results root. out: figure directory (default ``<results>/figures``).
         n_boot: bootstrap replicates of the U-curve fits.
+        only: shell patterns of figure stems (``ladder2k``, ``ladder2k-2e13_*``): draw only
+            those. Each pattern must match a planned figure.
 
     Returns:
         The written files (empty when no grid exists).
 
     Raises:
         load.ResultsError: a runs.csv is malformed.
+        NoSuchFigure: a pattern of ``only`` matches no planned figure (raised before drawing).
     """
     out = Path(results) / "figures" if out is None else Path(out)
+    planned = plan(results, n_boot=n_boot)
+    if only is not None:
+        stems = [p.stem for p in planned]
+        if missing := [o for o in only if not fnmatch.filter(stems, o)]:
+            raise NoSuchFigure(f"no planned figure matches {', '.join(map(repr, missing))}; "
+                             f"the figures are: {', '.join(stems)}")
+        planned = [p for p in planned if any(fnmatch.fnmatchcase(p.stem, o) for o in only)]
     written: list[Path] = []
-    for p in plan(results, n_boot=n_boot):
+    for p in planned:
         fig = p.draw()
         if fig is None:
             raise RuntimeError(f"{p.stem}: planned, but its plot drew nothing; make plan() "

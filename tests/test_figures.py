@@ -57,6 +57,21 @@ def test_plan_matches_what_make_all_writes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == sorted(written)
 
 
+def test_only_draws_the_named_figures_and_refuses_unknown_names(tmp_path, capsys):
+    from analysis.__main__ import main
+
+    synthetic.write_rho_grid(tmp_path, "alloc", budgets=("small", "medium"), seeds=2)
+    synthetic.write_memory_grid(tmp_path, "memory")
+    written = [p.name for p in plots.make_all(tmp_path, tmp_path / "fig", n_boot=10,
+                                              only=["memory_*"])]
+    assert written and all(n.startswith("memory_") for n in written)
+    assert written == [f for f in plots.figure_files(tmp_path) if f.startswith("memory_")]
+    rc = main(["plots", "--results", str(tmp_path), "--out", str(tmp_path / "none"),
+               "--only", "memory_*", "--only", "ladder-typo"])
+    assert rc == 2 and "no planned figure matches 'ladder-typo'" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()  # refused before drawing anything
+
+
 def _band_figure(eps: float = 0.0) -> plt.Figure:
     """A fitted curve with a band, as the allocation and memory figures draw them."""
     x = np.linspace(0.3, 1.0, 200)

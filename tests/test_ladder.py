@@ -1,6 +1,7 @@
 """The ladder's answers on synthetic grids with a known optimum and known gains."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis import load, synthetic
@@ -94,6 +95,18 @@ def test_flat_budget_answers_no_interior_optimum(tmp_path):
     r = rep["per_budget"].iloc[0]
     assert not r["is_u_shaped"] and np.isnan(r["rho_star"])
     assert "no interior optimum" in report_markdown(rep)
+
+
+def test_running_budget_is_not_fitted_yet(runs):
+    """A budget whose grid has finished two rho values is not yet an answer: its row says "not
+    fitted yet", never "no interior optimum"; the finished budgets keep their answers."""
+    large = runs[(runs["budget"] == "large") & (runs["seed"] == 0)]
+    part = large[large["rho"].isin(sorted(large["rho"].unique())[-2:])]
+    rep = ladder_report(pd.concat([runs[runs["budget"] != "large"], part]), n_boot=40)
+    text = report_markdown(rep)
+    (row,) = [line for line in text.splitlines() if line.startswith("| large |")]
+    assert "not fitted yet (needs >= 3 distinct rho values" in row
+    assert "no interior optimum" not in row and "(one seed: no interval)" in row
 
 
 def test_cli_writes_the_figure(runs, tmp_path, capsys):
