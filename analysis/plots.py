@@ -298,6 +298,19 @@ def plot_ablation(runs: pd.DataFrame) -> plt.Figure:
 FORMATS = ("pdf", "png")
 # What a format's writer would otherwise stamp with the time of writing (the PNG writer adds none).
 NO_TIMESTAMP = {"pdf": {"CreationDate": None}, "png": {}}
+
+
+def _metadata(fmt: str) -> dict:
+    """A file's metadata: no time stamp, and for PDFs the fonttools version beside
+    matplotlib's, since fonttools subsets the embedded TrueType fonts and a new release changes
+    the bytes (PNGs are rasterised by matplotlib's own FreeType and carry its version)."""
+    if fmt != "pdf":
+        return NO_TIMESTAMP[fmt]
+    import fontTools
+
+    return {**NO_TIMESTAMP[fmt], "Creator": f"Matplotlib v{matplotlib.__version__}, "
+                                            f"fonttools {fontTools.version}"}
+
 SIGNIFICANT_DIGITS = 6  # 1e-5 of a loss of 2: a tenth of a pixel or less on these axes
 
 
@@ -340,7 +353,7 @@ def save(fig: plt.Figure, out_dir: str | Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.{fmt}" for fmt in FORMATS]
     with style.context():
         for p, fmt in zip(paths, FORMATS):
-            fig.savefig(p, metadata=NO_TIMESTAMP[fmt])
+            fig.savefig(p, metadata=_metadata(fmt))
     plt.close(fig)
     return paths
 

@@ -141,6 +141,25 @@ def _committed_matplotlib() -> str | None:
     return m.group(1).decode() if m else None
 
 
+def _committed_fonttools() -> str | None:
+    """The fonttools version that subset the committed PDFs' fonts (their Creator entry)."""
+    versions = {m.group(1).decode() if m else None
+                for m in (re.search(rb"/Creator \([^)]*fonttools ([\w.]+)\)", p.read_bytes())
+                          for p in sorted((ROOT / FIGURES).glob("*.pdf")))}
+    if len(versions) > 1:
+        pytest.fail(f"the committed PDFs mix fonttools versions {sorted(map(str, versions))}: "
+                    "regenerate every figure (`make plots`) and commit results/figures/")
+    return versions.pop() if versions else None
+
+
+def test_pdfs_name_the_fonttools_that_subset_their_fonts(tmp_path):
+    import fontTools
+
+    (pdf, _) = plots.save(_band_figure(), tmp_path, "f")
+    assert f"fonttools {fontTools.version})".encode() in pdf.read_bytes()
+    assert b"CreationDate" not in pdf.read_bytes()
+
+
 @pytest.mark.slow
 def test_make_plots_reproduces_the_committed_bytes(tmp_path):
     """``python -m analysis plots`` on a copy of the committed results writes the committed
@@ -151,6 +170,11 @@ def test_make_plots_reproduces_the_committed_bytes(tmp_path):
     if _committed_matplotlib() != matplotlib.__version__:
         pytest.skip(f"committed figures come from matplotlib {_committed_matplotlib()}, "
                     f"this is {matplotlib.__version__}")
+    import fontTools
+
+    if (ft := _committed_fonttools()) != fontTools.version:
+        pytest.skip(f"committed PDFs embed fonts subset by fonttools {ft}, "
+                    f"this is {fontTools.version}")
     grids = set(committed_grids())
     for f in _git_files("results"):
         parts = Path(f).parts
