@@ -360,8 +360,14 @@ def plot_ladder(runs: pd.DataFrame, rep: dict[str, Any]):
         b.set_title(r"(b) optimum against compute", fontsize=7)
         b.legend(fontsize=5.5)
 
-        c.errorbar(per["C"], per["gain"], yerr=[per["gain"] - per["gain_lo"], per["gain_hi"] - per["gain"]],
+        seeded = per[(per["n_seeds"] >= 2) & np.isfinite(per["seed_sd"])]
+        c.errorbar(seeded["C"], seeded["gain"],
+                   yerr=[seeded["gain"] - seeded["gain_lo"], seeded["gain_hi"] - seeded["gain"]],
                    fmt="o", ms=3, color=style.DATA, capsize=2, lw=0.8, label="ladder [95%]")
+        one = per.drop(seeded.index)
+        if len(one):  # a budget with one seed so far: a point without an interval, drawn open
+            c.plot(one["C"], one["gain"], "o", ms=3, mfc="none", color=style.DATA, lw=0,
+                   label="ladder, one seed")
         law, ext = rep["laws"]["gain"], rep["extrapolation"]
         if math.isfinite(law["b"]) and len(ext):
             xx = np.logspace(np.log10(per["C"].min()) - 0.2, np.log10(ext["C"].max()) + 0.1, 100)

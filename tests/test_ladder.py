@@ -107,6 +107,15 @@ def test_running_budget_is_not_fitted_yet(runs):
     (row,) = [line for line in text.splitlines() if line.startswith("| large |")]
     assert "not fitted yet (needs >= 3 distinct rho values" in row
     assert "no interior optimum" not in row and "(one seed: no interval)" in row
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from analysis.ladder import plot_ladder
+
+    fig = plot_ladder(pd.concat([runs[runs["budget"] != "large"], part]), rep)
+    labels = fig.axes[2].get_legend_handles_labels()[1]
+    assert "ladder, one seed" in labels and "ladder [95%]" in labels
+    assert any("not fitted" in t.get_text() for t in fig.axes[1].texts)
 
 
 def test_cli_writes_the_figure(runs, tmp_path, capsys):
