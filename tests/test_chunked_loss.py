@@ -34,7 +34,7 @@ def test_chunked_equals_full_loss_and_gradients(chunk):
     f_chunk = jax.jit(jax.value_and_grad(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk),
                                          argnums=(0, 1)))
     (v, g), (v_ref, g_ref) = f_chunk(h, head, t), f_full(h, head, t)
-    np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-6)
+    np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-5)  # f32 sums in another order
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 

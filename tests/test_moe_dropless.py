@@ -108,7 +108,10 @@ def test_dropless_equals_capacity_without_drops():
     v_cap, g_cap = _grads(moe, lambda m, x: m(x)[0], x)
     _with_cfg(moe, _dropless(mcfg, "tiles", 4))
     v_dl, g_dl = _grads(moe, lambda m, x: m(x)[0], x)
-    np.testing.assert_allclose(float(v_dl), float(v_cap), rtol=1e-6)
+    # The loss sums 384 terms of order one whose cancellation leaves -1.9, and the two paths add
+    # expert outputs in different orders: f32 rounding alone moves it by a few 1e-6 relative, and
+    # by how much depends on the CPU's kernels. Capacity 1.0, which drops, moves it by 95%.
+    np.testing.assert_allclose(float(v_dl), float(v_cap), rtol=2e-5)
     for a, b in zip(jax.tree.leaves(g_dl), jax.tree.leaves(g_cap)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
@@ -177,7 +180,9 @@ def test_dropless_layer_is_causal():
     pert = x.copy()
     pert[:, 12:] = rng.normal(size=(2, 8, 16))
     base, out = (np.asarray(_forward(moe, jnp.asarray(a))[0]) for a in (x, pert))
-    np.testing.assert_allclose(out[:, :12], base[:, :12], rtol=1e-6, atol=1e-6)
+    # Later tokens move the earlier ones' rows within their experts' tiles, so the grouped matmul
+    # may round them differently on some CPUs; a leak moves them by orders of magnitude more.
+    np.testing.assert_allclose(out[:, :12], base[:, :12], rtol=1e-5, atol=1e-5)
     assert not np.allclose(out[:, 12:], base[:, 12:])
 
 
