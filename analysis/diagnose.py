@@ -52,6 +52,7 @@ ARM_LABELS = {
     "batch8": "4x the optimizer steps at equal tokens (batch 8 instead of 32)",
     "lr3e-3": "peak learning rate 3e-3 instead of 1.6e-2",
     "pystdlib": "corpus pystdlib instead of the reference's",
+    "dropless": "dropless dispatch: no routed assignment dropped (capacity 1.25 in the reference)",
 }
 
 
@@ -86,18 +87,23 @@ def left_arm(results: str | Path, budget: str = "cpu-3e12", level: float = 0.95)
 
 
 # ------------------------------------------------------------------- (b) the cost of experts
-def expert_cost(results: str | Path, budget: str = "cpu-3e12", level: float = 0.95
-                ) -> pd.DataFrame:
+def expert_cost(results: str | Path, budget: str = "cpu-3e12", level: float = 0.95,
+                dispatch: str = "") -> pd.DataFrame:
     """Diagnostic (b): one row per routed-expert count of ``diag-b-<budget>-experts``, most
     experts first: the seed mean and L(E) - L(E_0) with its Welch interval; where diagnostic (a)'s
     reference arm has the allocation that keeps E experts (rho = 0.8 or 0.3), what its tables buy
-    back: L(E, no memory) - L(rho) with its interval (``memory_buys``)."""
-    d = _grid(results, f"diag-b-{budget}-experts")
+    back: L(E, no memory) - L(rho) with its interval (``buys``).
+
+    ``dispatch="dropless"`` reads the dropless reruns instead: ``diag-b-<budget>-experts-dropless``
+    against diagnostic (a)'s dropless arm ``diag-a-<budget>-dropless``, so that neither side of
+    what the tables buy back drops routed work.
+    """
+    d = _grid(results, f"diag-b-{budget}-experts" + (f"-{dispatch}" if dispatch else ""))
     if d is None:
         return pd.DataFrame()
     e0 = int(d["n_routed"].max())
     ref = d.loc[d["n_routed"] == e0, "val_loss"].to_numpy()
-    alloc = _grid(results, f"diag-a-{budget}-base")
+    alloc = _grid(results, f"diag-a-{budget}-{dispatch or 'base'}")
     rows = []
     for n, g in sorted(d.groupby("n_routed"), key=lambda t: -t[0]):
         v = g["val_loss"].to_numpy()
@@ -327,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     print("== (a) what makes the left arm appear\n" + left_arm_markdown(left_arm(a.results, a.budget)))
     print("\n== (b) the cost of the left arm alone\n" + expert_cost_markdown(expert_cost(a.results, a.budget)))
+    print("\n== (b) without capacity drops (dropless dispatch)\n"
+          + expert_cost_markdown(expert_cost(a.results, a.budget, dispatch="dropless")))
     print("\n== (c) the value of memory\n" + memory_markdown(memory_value(a.results, f"diag-c-{a.budget}-memory")))
     print("\n== mechanism ratios\n" + mechanism_markdown(mechanism_table(a.results)))
     return 0

@@ -231,6 +231,9 @@ def block_diagnostics(results: Path) -> str:
         "(`diag-b-cpu-3e12-experts.yaml`), and what the reference's tables buy back at the rho "
         "that keeps as many experts:",
         diagnose.expert_cost_markdown(diagnose.expert_cost(results)),
+        "The same without capacity drops (`diag-b-cpu-3e12-experts-dropless.yaml`, against "
+        "diagnostic (a)'s dropless arm): every routed assignment reaches its expert on both sides:",
+        diagnose.expert_cost_markdown(diagnose.expert_cost(results, dispatch="dropless")),
         "(c) The value of memory at the same backbone (`diag-c-cpu-3e12-memory.yaml`): "
         + diagnose.memory_markdown(diagnose.memory_value(results, "diag-c-cpu-3e12-memory")),
     ])

@@ -62,6 +62,20 @@ def test_diagnostics_read_back_from_grids(tmp_path):
     assert b.loc[34, "rho"] == 0.8 and b.loc[34, "buys"] == pytest.approx(0.07)
     assert b.loc[14, "buys"] == pytest.approx(0.17) and np.isnan(b.loc[42, "rho"])
     assert "| 14 |" in diagnose.expert_cost_markdown(diagnose.expert_cost(tmp_path))
+    # the dropless reruns pair with each other, never with the capacity grids
+    assert diagnose.expert_cost(tmp_path, dispatch="dropless").empty
+    _write(tmp_path, "diag-a-cpu-3e12-dropless",
+           [{"rho": r, "seed": s, "n_routed": n, "val_loss": v + e}
+            for r, n, v in ((0.8, 34, 2.39), (0.3, 14, 2.41)) for s, e in zip(seeds, noise)])
+    _write(tmp_path, "diag-b-cpu-3e12-experts-dropless",
+           [{"rho": 1.0, "seed": s, "n_routed": n, "val_loss": v + e}
+            for n, v in ((42, 2.40), (34, 2.43), (14, 2.60)) for s, e in zip(seeds, noise)])
+    bd = diagnose.expert_cost(tmp_path, dispatch="dropless").set_index("n_routed")
+    assert bd.loc[34, "cost"] == pytest.approx(0.03) and bd.loc[14, "cost"] == pytest.approx(0.20)
+    assert bd.loc[34, "buys"] == pytest.approx(0.04) and bd.loc[14, "buys"] == pytest.approx(0.19)
+    assert diagnose.expert_cost(tmp_path).loc[2, "buys"] == pytest.approx(0.17)  # unchanged
+    dl = diagnose.left_arm(tmp_path).set_index("arm").loc["dropless"]
+    assert dl["diff"] == pytest.approx(0.02) and "no routed assignment dropped" in dl["label"]
 
     _write(tmp_path, "diag-c-cpu-3e12-memory",
            [{"rho": 1.0, "seed": s, "n_routed": 42, "engram_slots": x,
