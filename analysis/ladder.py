@@ -81,34 +81,43 @@ def _budget_rngs(budgets, seed: int) -> dict[str, np.random.Generator]:
     return {b: np.random.default_rng([seed, zlib.crc32(str(b).encode())]) for b in budgets}
 
 
-def _cell_means(d: pd.DataFrame, rngs: dict[str, np.random.Generator] | None) -> pd.DataFrame:
-    """Mean loss per (budget, rho); with ``rngs`` (a generator per budget), of a resample of the
-    seeds in each cell."""
-    if rngs is None:
-        return d.groupby(["budget", "rho"])["val_loss"].mean().reset_index()
-    parts = []
-    for (b, r), g in d.groupby(["budget", "rho"]):
-        v = g["val_loss"].to_numpy()
-        parts.append((b, r, float(np.mean(v[rngs[b].integers(0, len(v), len(v))]))))
-    return pd.DataFrame(parts, columns=["budget", "rho", "val_loss"])
+def _curve_stats(rho: np.ndarray, loss: np.ndarray) -> dict[str, float]:
+    """One budget's curve (mean loss per rho, rho ascending): L(1.0), the best rho, L(best), the
+    gain L(1.0) - L(best), the gain relative to L(1.0) and the tail slope (the least-squares slope
+    dL/drho of the means at rho <= TAIL_RHO)."""
+    one = loss[rho == 1.0]
+    l1 = float(one[0]) if len(one) else NAN
+    i = int(np.nanargmin(loss))  # the first of equal minima, the lowest rho
+    tail = rho <= TAIL_RHO + 1e-9
+    slope = float(np.polyfit(rho[tail], loss[tail], 1)[0]) if np.unique(rho[tail]).size >= 2 else NAN
+    gain = l1 - float(loss[i])
+    return {"L1": l1, "best_rho": float(rho[i]), "L_best": float(loss[i]), "gain": gain,
+            "rel_gain": gain / l1, "tail_slope": slope}
 
 
-def _gains(means: pd.DataFrame) -> pd.DataFrame:
-    """Per budget: L(1.0), the best rho, L(best), the gain L(1.0) - L(best) and the tail slope
-    (the least-squares slope dL/drho of the means at rho <= TAIL_RHO)."""
-    rows = []
-    for b, g in means.groupby("budget"):
-        one = g.loc[g["rho"] == 1.0, "val_loss"]
-        best = g.loc[g["val_loss"].idxmin()]
-        l1 = float(one.iloc[0]) if len(one) else NAN
-        tail = g[g["rho"] <= TAIL_RHO + 1e-9]
-        slope = (float(np.polyfit(tail["rho"], tail["val_loss"], 1)[0])
-                 if tail["rho"].nunique() >= 2 else NAN)
-        gain = l1 - float(best["val_loss"])
-        rows.append({"budget": b, "L1": l1, "best_rho": float(best["rho"]),
-                     "L_best": float(best["val_loss"]), "gain": gain, "rel_gain": gain / l1,
-                     "tail_slope": slope})
-    return pd.DataFrame(rows)
+def _gains(d: pd.DataFrame) -> pd.DataFrame:
+    """:func:`_curve_stats` of every budget's seed-mean curve, a row per budget."""
+    means = d.groupby(["budget", "rho"])["val_loss"].mean().reset_index()
+    return pd.DataFrame([{"budget": b} | _curve_stats(g["rho"].to_numpy(), g["val_loss"].to_numpy())
+                         for b, g in means.groupby("budget")])
+
+
+def _bootstrap(d: pd.DataFrame, budgets, rngs: dict[str, np.random.Generator], n_boot: int
+               ) -> dict[str, np.ndarray]:
+    """:func:`_curve_stats` of ``n_boot`` resampled curves: in every replicate each (budget, rho)
+    cell's seeds are drawn with replacement from that budget's generator (cells in rho order).
+    Returns an array [n_boot, len(budgets)] per statistic, budgets in the given order."""
+    out = {k: np.full((n_boot, len(budgets)), NAN) for k in
+           ("L1", "best_rho", "L_best", "gain", "rel_gain", "tail_slope")}
+    for j, b in enumerate(budgets):
+        cells = [(float(r), g["val_loss"].to_numpy()) for r, g in d[d["budget"] == b].groupby("rho")]
+        rho = np.array([r for r, _ in cells])
+        rng = rngs[b]
+        for i in range(n_boot):
+            loss = np.array([float(np.mean(v[rng.integers(0, len(v), len(v))])) for _, v in cells])
+            for k, x in _curve_stats(rho, loss).items():
+                out[k][i, j] = x
+    return out
 
 
 def _loglog(C: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -147,20 +156,16 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
         return out
     z_lo, z_hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     budgets = d.groupby("budget")["C"].median().sort_values()
-    point = _gains(_cell_means(d, None)).set_index("budget").loc[budgets.index]
-    rngs = _budget_rngs(budgets.index, seed)
-    boot = [_gains(_cell_means(d, rngs)).set_index("budget").loc[budgets.index]
-            for _ in range(n_boot)]
+    point = _gains(d).set_index("budget").loc[budgets.index]
+    boot = _bootstrap(d, budgets.index, _budget_rngs(budgets.index, seed), n_boot)
 
     rows = []
-    for b, C in budgets.items():
+    for j, (b, C) in enumerate(budgets.items()):
         g = d[d["budget"] == b]
         f = fit_u_curve(g, n_boot=n_boot, seed=seed, level=level)
         out["fits"][b] = f
         sd = float(np.sqrt(g.groupby("rho")["val_loss"].var(ddof=1).dropna().mean()))
-        gains = np.array([bt.loc[b, "gain"] for bt in boot])
-        rels = np.array([bt.loc[b, "rel_gain"] for bt in boot])
-        tails = np.array([bt.loc[b, "tail_slope"] for bt in boot])
+        gains, rels, tails = boot["gain"][:, j], boot["rel_gain"][:, j], boot["tail_slope"][:, j]
         tails = tails[np.isfinite(tails)]
         p = point.loc[b]
         dl = (f["l_star"] - p["L1"]) if f["is_u_shaped"] else (p["L_best"] - p["L1"])
@@ -197,7 +202,7 @@ def ladder_report(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
     out["law_decades"] = float(np.log10(Cs.max() / Cs.min())) if len(Cs) else NAN
     for key in ("L1", "L_best", "gain"):
         est = _loglog(Cs, per[key].to_numpy()[use])
-        reps = (np.array([_loglog(Cs, bt[key].to_numpy()[use]) for bt in boot]) if n_boot
+        reps = (np.array([_loglog(Cs, bt[use]) for bt in boot[key]]) if n_boot
                 else np.empty((0, 2)))
         ok = reps[np.all(np.isfinite(reps), axis=1)] if len(reps) else reps
         law = {"log10_a": est[0], "b": est[1], "n_boot_ok": len(ok), "n_boot": n_boot,
