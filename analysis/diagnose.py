@@ -182,12 +182,17 @@ REGIMES = (
     Regime("cpu-3e12 shape on pywheels-v1 (diagnostics)", "diag-c-cpu-3e12-memory",
            ("diag-a-cpu-3e12-base",), pure_moe="diag-b-cpu-3e12-experts",
            note="rho 1.0 / 0.8 / 0.3 only"),
+    Regime("cpu-3e12 shape on pywheels-v1, dropless (diagnostics)", None,
+           ("diag-a-cpu-3e12-dropless",), pure_moe="diag-b-cpu-3e12-experts-dropless",
+           note="rho 1.0 / 0.8 / 0.3 only; no capacity drops"),
     Regime("candidate: the cpu-3e12 shape with 8 heads per order (pywheels-v1)",
            "cand-cpu-3e12-pe-memory", ("cand-cpu-3e12-pe",), pure_moe="diag-b-cpu-3e12-experts"),
     Regime("candidate: cpu2k-5e12 (pywheels-v1)", "cand-cpu2k-5e12-memory", ("cpu2k-5e12",)),
     # The paper-shaped ladder: the candidate's regime with 32 routed experts; memory's value is
     # measured at its middle rung (diag-c-ladder2k-5e12-memory).
     Regime("ladder2k-2e12 (pywheels-v1)", None, ("ladder2k-2e12",)),
+    Regime("ladder2k-2e12, dropless (pywheels-v1)", None, ("ladder2k-2e12-dropless",),
+           note="rho 1.0 / 0.8 / 0.6 / 0.4 / 0.3; no capacity drops"),
     Regime("ladder2k-5e12 (pywheels-v1)", "diag-c-ladder2k-5e12-memory", ("ladder2k-5e12",)),
     Regime("ladder2k-2e13 (pywheels-v1)", None, ("ladder2k-2e13",)),
 )

@@ -86,6 +86,10 @@ def test_diagnostics_read_back_from_grids(tmp_path):
     assert mine["npd"] == pytest.approx(0.03) and mine["npd_ratio"] == pytest.approx(0.03 / 0.028)
     # the pure MoE (42 experts, diagnostic b) is rho = 1.0; the best rho is 0.3
     assert mine["best_rho"] == 0.3 and mine["gain"] == pytest.approx(0.07 / 2.45)
+    # without drops: its own pure MoE (42 experts, 2.40) against its own allocation runs
+    dropless = t.loc["cpu-3e12 shape on pywheels-v1, dropless (diagnostics)"]
+    assert dropless["best_rho"] == 0.8 and dropless["gain"] == pytest.approx(0.01 / 2.40)
+    assert np.isnan(dropless["npd"])
     paper = t.loc[t.index.str.startswith("paper")].iloc[0]
     assert paper["gain"] == pytest.approx(0.0139 / 1.7248) and paper["npd_ratio"] == 1.0
     assert "1.1x" in diagnose.mechanism_markdown(diagnose.mechanism_table(tmp_path))
