@@ -53,11 +53,17 @@ $(STAMP): pyproject.toml
 	$(if $(JAX_REQ),$(VPY) -m pip install --quiet "$(JAX_REQ)",@echo "JAX: CPU build (ACCEL=cpu)")
 	touch $(STAMP)
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each test module whole in one of them so
+# that module fixtures are built once; most tests are single-threaded (XLA compilation, Python),
+# so two workers use both cores of a 2-core machine. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+TEST_DIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadscope)
+
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(VPY) -m pytest -q $(TEST_DIST) -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+	$(VPY) -m pytest -q $(TEST_DIST) $(PYTEST_ARGS)
 
 sweep: $(STAMP)
 	$(VPY) -m sweeps.run $(GRID) --results $(RESULTS) $(if $(filter 1,$(FORCE)),--force,) $(if $(STORAGE),--storage $(STORAGE),) $(if $(COMPILE_CACHE),--compile-cache $(COMPILE_CACHE),) $(if $(HOST_MALLOC),--host-malloc $(HOST_MALLOC),) $(if $(TRACKING),--tracking $(TRACKING),)
