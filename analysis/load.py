@@ -237,13 +237,17 @@ def memory_column(df: pd.DataFrame) -> str | None:
 # built on a ladder budget: another Engram shape) are named by these prefixes (sweeps/grids/). They share the budget's ``budget`` column but are other curves: they
 # are never pooled into the budget's allocation curve.
 VARIANT_PREFIXES = ("ablation-", "muon-", "memory-", "diag-", "cand-")
+# A budget's grid rerun with another MoE dispatch (``ladder2k-2e12-dropless``) is a variant too: its
+# runs answer a different question and must not pool into the budget's curve or its ladder.
+VARIANT_SUFFIXES = ("-dropless",)
 
 
 def is_variant_grid(grid: str) -> bool:
     """True for a grid named as a variant of its budget (``muon-cpu-1e12``,
     ``ablation-cpu-1e12-conv``): analysed beside the budget's curve (analysis.paper), never
-    pooled into it. Any other allocation grid of a budget (``cpu-small-seeds``) pools with it."""
-    return str(grid).startswith(VARIANT_PREFIXES)
+    pooled into it; so is a rerun with another MoE dispatch (``ladder2k-2e12-dropless``). Any
+    other allocation grid of a budget (``cpu-small-seeds``) pools with it."""
+    return str(grid).startswith(VARIANT_PREFIXES) or str(grid).endswith(VARIANT_SUFFIXES)
 
 
 def budgets_by_compute(df: pd.DataFrame) -> list:

@@ -154,6 +154,7 @@ def test_optimizer_comparison_and_no_leak_into_the_budget_curve(tmp_path):
     assert load.is_variant_grid("muon-small") and load.is_variant_grid("ablation-small-conv")
     assert load.is_variant_grid("cand-small-pe") and load.is_variant_grid("diag-a-small-base")
     assert not load.is_variant_grid("small") and not load.is_variant_grid("small-seeds")
+    assert load.is_variant_grid("small-dropless") and not load.is_variant_grid("dropless-small")
     assert load.load_runs(muon)["budget"].iloc[0] == "small"
     written = {p.name for p in plots.make_all(tmp_path, tmp_path / "fig", n_boot=20)}
     assert "muon-small_allocation.png" in written and "small_allocation.png" in written
